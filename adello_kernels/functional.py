@@ -1,0 +1,203 @@
+"""`flexda_loss`: one ADELLO step on given logits, validated, on the chosen backend."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import backends
+from .reference import (FlexDAOutput, Scalar, accumulate_dtype, flexda_reference,
+                        logit_adjustments)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+PRIOR_SUM_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Validation. Shape/dtype/device checks read metadata only; value checks (label range, priors,
+# tensor hyperparameters) read device memory, i.e. a host sync on a GPU: `validate=False` skips
+# them for a captured or compiled hot path.
+# --------------------------------------------------------------------------------------------
+
+def _check_logits(name: str, x, rows_name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-d [{rows_name}, C] tensor, got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch ({rows_name} = 0); the step's losses need at "
+                         "least one row")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: no classes (C = 0)")
+
+
+def check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, validate: bool = True) -> None:
+    """Shapes, dtypes and devices of the four batch tensors; the label range if `validate`."""
+    _check_logits("logits_lb", logits_lb, "B")
+    _check_logits("logits_ulb_w", logits_ulb_w, "N")
+    _check_logits("logits_ulb_s", logits_ulb_s, "N")
+    c = logits_lb.shape[1]
+    for name, x in (("logits_ulb_w", logits_ulb_w), ("logits_ulb_s", logits_ulb_s)):
+        if x.shape[1] != c:
+            raise ValueError(f"{name}: has {x.shape[1]} classes but logits_lb has {c}")
+        if x.dtype != logits_lb.dtype:
+            raise ValueError(f"{name}: dtype {x.dtype} differs from logits_lb's {logits_lb.dtype}")
+        if x.device != logits_lb.device:
+            raise ValueError(f"{name}: on {x.device} but logits_lb is on {logits_lb.device}")
+    if logits_ulb_s.shape != logits_ulb_w.shape:
+        raise ValueError(f"logits_ulb_s: shape {tuple(logits_ulb_s.shape)} differs from "
+                         f"logits_ulb_w's {tuple(logits_ulb_w.shape)} (rows must pair up)")
+    if not isinstance(labels_lb, torch.Tensor):
+        raise ValueError(f"labels_lb: expected a tensor, got {type(labels_lb).__name__}")
+    if labels_lb.dim() != 1 or labels_lb.shape[0] != logits_lb.shape[0]:
+        raise ValueError(f"labels_lb: expected shape ({logits_lb.shape[0]},), got "
+                         f"{tuple(labels_lb.shape)}")
+    if labels_lb.dtype != torch.int64:
+        raise ValueError(f"labels_lb: expected int64, got {labels_lb.dtype}")
+    if labels_lb.device != logits_lb.device:
+        raise ValueError(f"labels_lb: on {labels_lb.device} but logits_lb is on "
+                         f"{logits_lb.device}")
+    if validate:
+        lo, hi = torch.aminmax(labels_lb)
+        if bool(lo < 0) or bool(hi >= c):
+            raise ValueError(f"labels_lb: labels must lie in [0, {c}), got range "
+                             f"[{int(lo)}, {int(hi)}]")
+
+
+def check_prior(name: str, prior, num_classes: int, device: torch.device,
+                validate: bool = True) -> None:
+    """A [C] float distribution: finite, non-negative, summing to 1 within 1e-3."""
+    if not isinstance(prior, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(prior).__name__}")
+    if prior.dim() != 1 or prior.shape[0] != num_classes:
+        raise ValueError(f"{name}: expected shape ({num_classes},), got {tuple(prior.shape)}")
+    if not prior.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor, got {prior.dtype}")
+    if prior.device != device:
+        raise ValueError(f"{name}: on {prior.device} but the logits are on {device}")
+    if validate:
+        p = prior.detach().to(torch.float64)
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{name}: has non-finite entries")
+        if bool((p < 0).any()):
+            raise ValueError(f"{name}: has negative entries")
+        total = float(p.sum())
+        if abs(total - 1.0) > PRIOR_SUM_TOL:
+            raise ValueError(f"{name}: must sum to 1 (within {PRIOR_SUM_TOL}), sums to {total:.6g}")
+
+
+def _check_scalar(name: str, value, device: torch.device, lo: float, hi: float,
+                  lo_open: bool, validate: bool) -> None:
+    """`value` in the interval (lo or [lo, hi]; a 0-d tensor on `device` or a Python number."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name}: expected a 0-d tensor, got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name}: on {value.device} but the logits are on {device}")
+        if value.is_complex():
+            raise ValueError(f"{name}: complex values are not supported")
+        if not validate:
+            return
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a number or a 0-d tensor, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name}: must lie in {interval}, got {v}")
+
+
+def check_hyperparameters(*, alpha, threshold, lambda_u, lambda_d, distill, temperature, eps,
+                          device: torch.device, validate: bool = True) -> None:
+    _check_scalar("alpha", alpha, device, 0.0, 1.0, False, validate)
+    if isinstance(threshold, torch.Tensor) or isinstance(threshold, bool):
+        raise ValueError("threshold: expected a Python float")
+    _check_scalar("threshold", threshold, device, 0.0, 1.0, True, True)
+    for name, lam in (("lambda_u", lambda_u), ("lambda_d", lambda_d)):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) \
+                or lam < 0:
+            raise ValueError(f"{name}: expected a finite non-negative Python number, got {lam!r}")
+    if isinstance(distill, torch.Tensor):
+        if distill.dim() != 0 or distill.device != device:
+            raise ValueError(f"distill: expected a 0-d tensor on {device}, got shape "
+                             f"{tuple(distill.shape)} on {distill.device}")
+    elif not isinstance(distill, (bool, int)):
+        raise ValueError(f"distill: expected a bool or a 0-d tensor, got {type(distill).__name__}")
+    _check_scalar("temperature", temperature, device, 0.0, math.inf, True, validate)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1e-3):
+        raise ValueError(f"eps: expected a small positive float, got {eps!r}")
+
+
+def _hparams(lambda_u: float, lambda_d: float, distill: Scalar, temperature: Scalar,
+             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The op's [4] hyperparameter tensor (lambda_u, lambda_d, distill_gate, T) on `device`."""
+    tensors = [v for v in (distill, temperature) if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return torch.tensor([lambda_u, lambda_d, float(bool(distill)), float(temperature)],
+                            device=device, dtype=dtype)
+    gate = (distill != 0).to(dtype) if isinstance(distill, torch.Tensor) else \
+        torch.tensor(float(bool(distill)), device=device, dtype=dtype)
+    temp = temperature.to(dtype) if isinstance(temperature, torch.Tensor) else \
+        torch.tensor(float(temperature), device=device, dtype=dtype)
+    lam = torch.tensor([lambda_u, lambda_d], device=device, dtype=dtype)
+    return torch.cat([lam, gate.reshape(1), temp.reshape(1)])
+
+
+def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: torch.Tensor,
+                logits_ulb_s: torch.Tensor, prior_lb: torch.Tensor, prior_ulb: torch.Tensor,
+                alpha: Scalar, *, threshold: float = 0.95, lambda_u: float = 1.0,
+                lambda_d: float = 1.0, distill: Scalar = True, temperature: Scalar = 1.0,
+                eps: float = 1e-9, backend: str = "auto", validate: bool = True) -> FlexDAOutput:
+    """One ADELLO step (FlexDA + complementary consistency distillation), SPEC.md section 1.
+
+    Args:
+        logits_lb:    [B, C] labeled logits (fp32, bf16, fp16 or fp64)
+        labels_lb:    [B] int64 labels in [0, C)
+        logits_ulb_w: [N, C] weak-view unlabeled logits (no gradient flows into them)
+        logits_ulb_s: [N, C] strong-view logits of the same N images
+        prior_lb:     [C] labeled class distribution P_L
+        prior_ulb:    [C] current unlabeled prior estimate Q (read, never written)
+        alpha:        flattening exponent in [0, 1] (number or 0-d tensor, see `alpha_schedule`)
+        threshold:    confidence threshold tau in (0, 1]
+        distill:      include the distillation term (bool or 0-d tensor)
+        temperature:  distillation temperature T > 0 (number or 0-d tensor)
+        backend:      'auto', 'reference', 'cpu', 'cuda' or 'triton'
+        validate:     also check values (label range, priors, tensor hyperparameters); each is a
+                      host sync on a GPU, so pass False inside a captured/compiled step
+    Returns:
+        FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels, prior_batch)
+    Raises:
+        ValueError naming the argument for any malformed input.
+    """
+    # Value checks need the data on the host: impossible inside a compiled graph, so they are
+    # skipped there (shape, dtype and device checks still run at trace time).
+    validate = validate and not torch.compiler.is_compiling()
+    check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, validate)
+    c, device = logits_lb.shape[1], logits_lb.device
+    check_prior("prior_lb", prior_lb, c, device, validate)
+    check_prior("prior_ulb", prior_ulb, c, device, validate)
+    check_hyperparameters(alpha=alpha, threshold=threshold, lambda_u=lambda_u, lambda_d=lambda_d,
+                          distill=distill, temperature=temperature, eps=eps, device=device,
+                          validate=validate)
+    if not isinstance(backend, str):
+        raise ValueError(f"backend: expected a string, got {type(backend).__name__}")
+    name = backends.resolve_backend(backend, device)
+
+    if name == "reference":
+        return flexda_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
+                                prior_ulb, alpha, threshold=threshold, lambda_u=lambda_u,
+                                lambda_d=lambda_d, distill=distill, temperature=temperature,
+                                eps=eps)
+
+    acc = accumulate_dtype(logits_lb.dtype)
+    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=acc)
+    hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc)
+    loss, terms, mask, pseudo_labels, prior_batch, _, _ = backends.fused_op(name)(
+        logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams, float(threshold))
+    loss_sup, loss_unsup, loss_distill = terms.unbind()
+    return FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
+                        prior_batch)

@@ -1,0 +1,175 @@
+"""`ADELLOLoss`: the stateful training criterion (prior estimate, step, temperature) around
+`flexda_loss`, one call per training step."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import backends
+from .functional import check_logits, check_prior, flexda_loss
+from .reference import FlexDAOutput, alpha_schedule
+
+
+def _number(name: str, value, lo: float, hi: float, lo_open: bool = False,
+            hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
+        raise ValueError(f"{name}: must lie in {'(' if lo_open else '['}{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got {value}")
+    return float(value)
+
+
+class ADELLOLoss(nn.Module):
+    """ADELLO criterion: each call computes the step's losses from the current prior estimate at
+    the current step, then updates the prior (all-reduced across ranks when `sync_prior` and a
+    process group is initialised), then advances the step. No host sync unless `validate`.
+
+    Args:
+        prior_lb:       [C] labeled class distribution (finite, non-negative, sums to 1)
+        total_steps:    T_max of the alpha schedule
+        alpha_min, power: alpha_t = 1 - (1 - alpha_min) * (t / T_max) ** power
+        threshold:      confidence threshold tau in (0, 1]
+        prior_momentum: m in Q_t = m Q_{t-1} + (1 - m) mean_i softmax(z_w[i])
+        distill_start:  t0; the distillation term counts from step t0 on
+        temperature:    T > 0, or "imbalance_aware": T = exp(KL(U || Q)) frozen at step t0 from
+                        the prior after that step's update (that step's loss uses it too)
+        lambda_u, lambda_d: loss weights
+        flexda:         False turns both logit adjustments off (FixMatch targets)
+        sync_prior:     all-reduce the batch prior across ranks before the update
+        backend:        'auto', 'reference', 'cpu', 'cuda' or 'triton'
+        validate:       check the label range every call (a host sync on a GPU)
+    Buffers (saved in state_dict): prior_lb, prior_ulb [C] fp32; step int64; temperature fp32;
+    temperature_frozen bool; skipped_updates int64 (steps whose batch prior was not finite).
+    Call: crit(logits_lb [B, C], labels_lb [B], logits_ulb_w [N, C], logits_ulb_s [N, C])
+          -> FlexDAOutput
+    """
+
+    def __init__(self, prior_lb: torch.Tensor, total_steps: int, *, alpha_min: float = 0.1,
+                 power: float = 2.0, threshold: float = 0.95, prior_momentum: float = 0.999,
+                 distill_start: int = 0, temperature=1.0, lambda_u: float = 1.0,
+                 lambda_d: float = 1.0, flexda: bool = True, sync_prior: bool = True,
+                 backend: str = "auto", validate: bool = True):
+        super().__init__()
+        if not isinstance(prior_lb, torch.Tensor) or prior_lb.dim() != 1 or prior_lb.numel() == 0:
+            raise ValueError("prior_lb: expected a non-empty 1-d [C] tensor")
+        check_prior("prior_lb", prior_lb, prior_lb.shape[0], prior_lb.device)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps: expected a positive int, got {total_steps!r}")
+        self.total_steps = total_steps
+        self.alpha_min = _number("alpha_min", alpha_min, 0.0, 1.0)
+        self.power = _number("power", power, 0.0, math.inf, lo_open=True)
+        self.threshold = _number("threshold", threshold, 0.0, 1.0, lo_open=True)
+        self.prior_momentum = _number("prior_momentum", prior_momentum, 0.0, 1.0, hi_open=True)
+        if isinstance(distill_start, bool) or not isinstance(distill_start, int) \
+                or distill_start < 0:
+            raise ValueError(f"distill_start: expected a non-negative int, got {distill_start!r}")
+        self.distill_start = distill_start
+        self.imbalance_aware = isinstance(temperature, str)
+        if self.imbalance_aware and temperature != "imbalance_aware":
+            raise ValueError(f"temperature: expected a positive number or 'imbalance_aware', "
+                             f"got {temperature!r}")
+        t0 = 1.0 if self.imbalance_aware else _number("temperature", temperature, 0.0, math.inf,
+                                                       lo_open=True, hi_open=True)
+        self.lambda_u = _number("lambda_u", lambda_u, 0.0, math.inf, hi_open=True)
+        self.lambda_d = _number("lambda_d", lambda_d, 0.0, math.inf, hi_open=True)
+        self.flexda = bool(flexda)
+        self.sync_prior = bool(sync_prior)
+        if backend != "auto" and backend not in backends.BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of "
+                             f"{backends.BACKENDS}")
+        self.backend = backend
+        self.validate = bool(validate)
+
+        c = prior_lb.shape[0]
+        dev = prior_lb.device
+        self.register_buffer("prior_lb", prior_lb.detach().to(torch.float32).clone())
+        self.register_buffer("prior_ulb", torch.full((c,), 1.0 / c, device=dev))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=dev))
+        self.register_buffer("temperature", torch.tensor(t0, dtype=torch.float32, device=dev))
+        self.register_buffer("temperature_frozen", torch.tensor(not self.imbalance_aware,
+                                                                device=dev))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64, device=dev))
+        # flexda=False: uniform P_L and Q make both adjustments exactly 0 (log(1/C+eps) twice).
+        self.register_buffer("_uniform", torch.full((c,), 1.0 / c, device=dev), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.prior_ulb.shape[0]
+
+    def extra_repr(self) -> str:
+        t = "'imbalance_aware'" if self.imbalance_aware else f"{float(self.temperature):g}"
+        return (f"num_classes={self.num_classes}, total_steps={self.total_steps}, "
+                f"alpha_min={self.alpha_min}, power={self.power}, threshold={self.threshold}, "
+                f"prior_momentum={self.prior_momentum}, distill_start={self.distill_start}, "
+                f"temperature={t}, flexda={self.flexda}, backend={self.backend!r}")
+
+    def alpha(self) -> torch.Tensor:
+        """alpha_t at the current step (a 0-d tensor on the module's device)."""
+        return alpha_schedule(self.step, self.total_steps, self.alpha_min, self.power)
+
+    def _global_mean(self, prior_batch: torch.Tensor, n: int) -> torch.Tensor:
+        """The batch prior over all ranks: sum_r N_r mean_r / sum_r N_r (one all-reduce)."""
+        if not (self.sync_prior and dist.is_available() and dist.is_initialized()):
+            return prior_batch
+        buf = torch.cat([prior_batch.float() * n, prior_batch.new_full((1,), float(n))])
+        dist.all_reduce(buf)
+        return buf[:-1] / buf[-1]
+
+    def _updated_prior(self, prior_batch: torch.Tensor):
+        """(Q_t, ok): the momentum update, or Q_{t-1} when the batch prior is not finite."""
+        ok = torch.isfinite(prior_batch).all()
+        m = self.prior_momentum
+        new = m * self.prior_ulb + (1.0 - m) * prior_batch.to(self.prior_ulb.dtype)
+        return torch.where(ok, new, self.prior_ulb), ok
+
+    def forward(self, logits_lb: torch.Tensor, labels_lb: torch.Tensor,
+                logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor) -> FlexDAOutput:
+        # All checks come before any state changes, so a rejected call leaves the module as it was.
+        validate = self.validate and not torch.compiler.is_compiling()
+        check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, validate)
+        if logits_lb.shape[1] != self.num_classes:
+            raise ValueError(f"logits_lb: has {logits_lb.shape[1]} classes but prior_lb has "
+                             f"{self.num_classes}")
+        if logits_lb.device != self.prior_ulb.device:
+            raise ValueError(f"logits_lb: on {logits_lb.device} but the ADELLOLoss state is on "
+                             f"{self.prior_ulb.device} (move the module with .to(device))")
+        n = logits_ulb_w.shape[0]
+        gate = self.step >= self.distill_start
+        if self.flexda:
+            prior_lb, prior_ulb, alpha = self.prior_lb, self.prior_ulb, self.alpha()
+        else:
+            prior_lb, prior_ulb, alpha = self._uniform, self._uniform, 1.0
+
+        if self.imbalance_aware:
+            # T = exp(KL(U || Q_t)) needs this step's updated prior before the distillation loss,
+            # so the batch prior is computed up front (one extra softmax over z_w, this mode only).
+            batch_prior = self._global_mean(
+                torch.softmax(logits_ulb_w.detach().float(), dim=-1).mean(0), n)
+            q_new, ok = self._updated_prior(batch_prior)
+            c = self.num_classes
+            kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
+            t_candidate = torch.exp(kl).to(self.temperature.dtype)
+            freeze_now = gate & ~self.temperature_frozen
+            temperature = torch.where(freeze_now, t_candidate, self.temperature)
+        else:
+            temperature = self.temperature
+
+        out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
+                          alpha, threshold=self.threshold, lambda_u=self.lambda_u,
+                          lambda_d=self.lambda_d, distill=gate, temperature=temperature,
+                          backend=self.backend, validate=False)
+
+        with torch.no_grad():
+            if not self.imbalance_aware:
+                q_new, ok = self._updated_prior(self._global_mean(out.prior_batch.detach(), n))
+            else:
+                self.temperature.copy_(temperature)
+                self.temperature_frozen.logical_or_(freeze_now)
+            self.prior_ulb.copy_(q_new)
+            self.skipped_updates.add_((~ok).to(torch.int64))
+            self.step.add_(1)
+        return out

@@ -1,0 +1,83 @@
+"""The fused ADELLO step as `torch.library` ops: one schema, one fake, one autograd, several kernels.
+
+Schema (shared by every fused backend; SPEC.md sections 2-3):
+
+    flexda_fwd(Tensor logits_lb,      [B, C] fp32/bf16/fp16/fp64
+               Tensor labels_lb,      [B]    int64 in [0, C)
+               Tensor logits_ulb_w,   [N, C] same dtype as logits_lb
+               Tensor logits_ulb_s,   [N, C] same dtype as logits_lb
+               Tensor adj_lb,         [C]    acc dtype: ds, added to logits_lb
+               Tensor adj_ulb,        [C]    acc dtype: du, added to logits_ulb_s
+               Tensor hparams,        [4]    acc dtype: (lambda_u, lambda_d, distill_gate, T)
+               float threshold)
+      -> (Tensor loss,                0-d    acc: L_s + lambda_u L_u + [gate] lambda_d L_d
+          Tensor terms,               [3]    acc: (L_s, L_u, [gate] L_d), unweighted
+          Tensor mask,                [N]    acc: 0/1
+          Tensor pseudo_labels,       [N]    int64
+          Tensor prior_batch,         [C]    acc: mean_i softmax(logits_ulb_w[i])
+          Tensor grad_lb,             [B, C] logits dtype: dloss/dlogits_lb
+          Tensor grad_ulb_s)          [N, C] logits dtype: dloss/dlogits_ulb_s
+
+acc dtype is fp64 for fp64 logits, fp32 otherwise. hparams lives on the logits' device so that a
+step-dependent gate or a frozen temperature never needs a host sync. When distill_gate == 0 the
+distillation term is skipped (terms[2] = 0 and it adds nothing to the gradient).
+
+Because every normaliser (1/B, 1/N) is static, the forward writes the gradients of `loss`, and the
+backward only scales them by the incoming grad (SPEC.md section 2). The other outputs are
+non-differentiable.
+
+Ops sharing the schema:
+    adello::flexda_fwd         CPU kernel (csrc/cpu) and CUDA kernel (csrc/cuda), from adello_kernels._C
+    adello::flexda_fwd_triton  Triton kernel (adello_kernels/ops/flexda_triton.py)
+"""
+from __future__ import annotations
+
+import torch
+
+SCHEMA = ("(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, Tensor logits_ulb_s, "
+          "Tensor adj_lb, Tensor adj_ulb, Tensor hparams, float threshold) -> "
+          "(Tensor loss, Tensor terms, Tensor mask, Tensor pseudo_labels, Tensor prior_batch, "
+          "Tensor grad_lb, Tensor grad_ulb_s)")
+
+OP_NAMES = ("flexda_fwd", "flexda_fwd_triton")
+
+_lib = torch.library.Library("adello", "DEF")  # noqa: kept alive for the process
+for _name in OP_NAMES:
+    _lib.define(_name + SCHEMA)
+
+
+def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams, threshold):
+    acc = torch.float64 if logits_lb.dtype == torch.float64 else torch.float32
+    n, c = logits_ulb_w.shape
+    new = logits_lb.new_empty
+    return (new((), dtype=acc), new((3,), dtype=acc), new((n,), dtype=acc),
+            new((n,), dtype=torch.int64), new((c,), dtype=acc),
+            torch.empty_like(logits_lb, memory_format=torch.contiguous_format),
+            torch.empty_like(logits_ulb_s, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    _loss, terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s = output
+    ctx.mark_non_differentiable(terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s)
+    ctx.save_for_backward(grad_lb, grad_ulb_s)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    # dL/dz = (saved gradient of loss) * incoming grad; z_w and the vectors get no gradient.
+    grad_lb, grad_ulb_s = ctx.saved_tensors
+    g_lb = g_s = None
+    if ctx.needs_input_grad[0]:
+        g_lb = grad_lb * grad_loss.to(grad_lb.dtype)
+    if ctx.needs_input_grad[3]:
+        g_s = grad_ulb_s * grad_loss.to(grad_ulb_s.dtype)
+    return g_lb, None, None, g_s, None, None, None, None
+
+
+for _name in OP_NAMES:
+    torch.library.register_fake("adello::" + _name)(_fake)
+    torch.library.register_autograd("adello::" + _name, _backward, setup_context=_setup_context)
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """True when `adello::<op_name>` has a kernel registered for `dispatch_key` ("CPU", "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("adello::" + op_name, dispatch_key)

@@ -1,0 +1,180 @@
+"""Pure-PyTorch reference of one ADELLO step: the oracle every fused kernel is tested against.
+
+Written for clarity, not speed: each line is an equation of SPEC.md section 1, and autograd gives
+the gradients of section 2. It runs on any device and in any float dtype; bf16/fp16 logits are
+upcast to fp32 (the numerics contract: accumulate in fp32), fp64 stays fp64, so calling it on
+float64 copies of the inputs gives the exact answer the kernels are compared with.
+
+Notation (SPEC.md section 1):
+    z_l [B, C], y [B]       labeled logits and labels
+    z_w [N, C], z_s [N, C]  weak- and strong-view logits of the same N unlabeled images
+    P_L [C], Q [C]          labeled prior (fixed) and running unlabeled-prior estimate
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Scalar = Union[float, int, bool, torch.Tensor]
+
+
+class FlexDAOutput(NamedTuple):
+    """What one ADELLO step returns (SPEC.md section 4).
+
+    loss          0-d fp32, differentiable w.r.t. logits_lb and logits_ulb_s
+    loss_sup      0-d fp32, detached: L_s
+    loss_unsup    0-d fp32, detached: L_u (unweighted)
+    loss_distill  0-d fp32, detached: L_d (unweighted; 0 when distillation is off)
+    mask          [N] fp32 of 0/1: max weak probability >= threshold
+    pseudo_labels [N] int64: first-index argmax of the weak probabilities
+    prior_batch   [C] fp32: mean over the N rows of softmax(logits_ulb_w)
+    (fp64 in place of fp32 when the logits are fp64.)
+    """
+
+    loss: torch.Tensor
+    loss_sup: torch.Tensor
+    loss_unsup: torch.Tensor
+    loss_distill: torch.Tensor
+    mask: torch.Tensor
+    pseudo_labels: torch.Tensor
+    prior_batch: torch.Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; every other float dtype accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def alpha_schedule(step, total_steps: int, alpha_min: float = 0.1, power: float = 2.0):
+    """Progressive exponent alpha_t = 1 - (1 - alpha_min) * (t / T_max) ** power.
+
+    `step` may be a Python number (returns a float) or a tensor (returns a tensor on its device,
+    no host sync). t / T_max is clamped to [0, 1], so training past T_max keeps alpha_min.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if isinstance(step, torch.Tensor):
+        frac = (step.to(torch.float64) / total_steps).clamp(0.0, 1.0)
+        return 1.0 - (1.0 - alpha_min) * frac.pow(power)
+    frac = min(max(float(step) / total_steps, 0.0), 1.0)
+    return 1.0 - (1.0 - alpha_min) * frac**power
+
+
+def logit_adjustments(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar,
+                      eps: float = 1e-9, dtype: torch.dtype = torch.float64):
+    """The two [C] adjustment vectors of one step, computed in `dtype` from the prior before
+    this step's update (Q_{t-1}):
+
+        Qa = Q**alpha / sum(Q**alpha)                 the flexible target prior
+        ds = log(P_L + eps) - log(Qa + eps)           added to the labeled logits
+        du = log(Q + eps)   - log(Qa + eps)           added to the strong-view logits
+
+    Q**alpha follows torch.pow: 0**0 = 1, so alpha = 0 gives the uniform target even where Q
+    has zero entries.
+    """
+    p_l = prior_lb.to(dtype)
+    q = prior_ulb.to(dtype)
+    a = alpha.to(device=q.device, dtype=dtype) if isinstance(alpha, torch.Tensor) else float(alpha)
+    q_alpha = q.pow(a)
+    qa = q_alpha / q_alpha.sum()
+    log_qa = torch.log(qa + eps)
+    ds = torch.log(p_l + eps) - log_qa
+    du = torch.log(q + eps) - log_qa
+    return ds, du
+
+
+def _as_tensor(x: Scalar, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(x), device=like.device, dtype=like.dtype)
+
+
+def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
+                     logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor,
+                     prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar, *,
+                     threshold: float = 0.95, lambda_u: float = 1.0, lambda_d: float = 1.0,
+                     distill: Scalar = True, temperature: Scalar = 1.0,
+                     eps: float = 1e-9) -> FlexDAOutput:
+    """One ADELLO step in plain PyTorch (no input validation: see `flexda_loss`).
+
+    Args: as `adello_kernels.flexda_loss`. Returns a `FlexDAOutput` whose `loss` is
+    differentiable through autograd w.r.t. logits_lb and logits_ulb_s (never logits_ulb_w).
+    """
+    acc = accumulate_dtype(logits_lb.dtype)
+    z_l = logits_lb.to(acc)
+    z_w = logits_ulb_w.detach().to(acc)            # stop-gradient on the weak view
+    z_s = logits_ulb_s.to(acc)
+    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=acc)
+
+    # Supervised loss, generalised logit adjustment: L_s = mean_b CE(y_b, softmax(z_l[b] + ds)).
+    loss_sup = F.cross_entropy(z_l + ds, labels_lb)
+
+    # Weak view, raw logits: pw = softmax(z_w); M = [max pw >= tau] (inclusive, on the probability
+    # in the accumulate dtype); yhat = argmax pw (torch.max returns the first index on ties).
+    pw = torch.softmax(z_w, dim=-1)
+    max_pw, pseudo_labels = pw.max(dim=-1)
+    mask = (max_pw >= threshold).to(acc)
+
+    # Strong view, adjusted: a = z_s + du.
+    # L_u = (1/N) sum_i M_i CE(yhat_i, softmax(a_i))   (divided by N, not by sum M)
+    a = z_s + du
+    loss_unsup = (F.cross_entropy(a, pseudo_labels, reduction="none") * mask).mean()
+
+    # Distillation on the low-confidence rows, soft targets q = softmax(z_w / T) (no gradient):
+    # L_d = (1/N) sum_i (1 - M_i) H(q_i, softmax(a_i / T)),  H(q, p) = -sum_c q_c log p_c, no T**2.
+    t = _as_tensor(temperature, a)
+    q = torch.softmax(z_w / t, dim=-1)
+    h = -(q * torch.log_softmax(a / t, dim=-1)).sum(dim=-1)
+    loss_distill_raw = (h * (1.0 - mask)).mean()
+    # Off (distill False / step < t0): the term is left out entirely, as the released code does.
+    gate = _as_tensor(distill, a) != 0
+    loss_distill = torch.where(gate, loss_distill_raw, torch.zeros_like(loss_distill_raw))
+
+    loss = loss_sup + lambda_u * loss_unsup + lambda_d * loss_distill
+    # prior_batch: mean over the N weak rows of the soft probabilities, no mask.
+    prior_batch = pw.mean(dim=0)
+    return FlexDAOutput(loss, loss_sup.detach(), loss_unsup.detach(), loss_distill.detach(),
+                        mask, pseudo_labels, prior_batch)
+
+
+def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb,
+                         hparams, threshold):
+    """The fused op's contract (adello_kernels/ops/flexda.py) written with the closed-form
+    gradients of SPEC.md section 2 instead of autograd. Tests check it against autograd of
+    `flexda_reference`, and every kernel against it, output by output.
+    """
+    acc = accumulate_dtype(logits_lb.dtype)
+    z_l, z_w, z_s = logits_lb.to(acc), logits_ulb_w.to(acc), logits_ulb_s.to(acc)
+    ds, du = adj_lb.to(acc), adj_ulb.to(acc)
+    lambda_u, lambda_d, gate, t = hparams.to(acc).unbind()
+    b, n = z_l.shape[0], z_w.shape[0]
+    on = gate != 0
+
+    # labeled rows: dL/dz_l = (softmax(z_l + ds) - onehot(y)) / B
+    logp_l = torch.log_softmax(z_l + ds, dim=-1)
+    loss_sup = -logp_l.gather(1, labels_lb[:, None]).mean()
+    grad_lb = (logp_l.exp() - F.one_hot(labels_lb, z_l.shape[1]).to(acc)) / b
+
+    # weak rows: pw, M, yhat, prior sum
+    pw = torch.softmax(z_w, dim=-1)
+    max_pw, yhat = pw.max(dim=-1)
+    mask = (max_pw >= threshold).to(acc)
+
+    # strong rows: consistency on M, distillation on 1 - M
+    a = z_s + du
+    logp_s = torch.log_softmax(a, dim=-1)
+    loss_unsup = -(logp_s.gather(1, yhat[:, None])[:, 0] * mask).sum() / n
+    q = torch.softmax(z_w / t, dim=-1)
+    logp_st = torch.log_softmax(a / t, dim=-1)
+    loss_distill = torch.where(on, -((q * logp_st).sum(-1) * (1 - mask)).sum() / n, 0.0)
+    # dL/dz_s = (lambda_u M (softmax(a) - onehot(yhat)) + g lambda_d (1-M) (softmax(a/T) - q) / T) / N
+    g_u = lambda_u * mask[:, None] * (logp_s.exp() - F.one_hot(yhat, z_s.shape[1]).to(acc))
+    g_d = torch.where(on, lambda_d * (1 - mask)[:, None] * (logp_st.exp() - q) / t, 0.0)
+    grad_s = (g_u + g_d) / n
+
+    loss = loss_sup + lambda_u * loss_unsup + lambda_d * loss_distill
+    terms = torch.stack([loss_sup, loss_unsup, loss_distill])
+    return (loss, terms, mask, yhat, pw.mean(0), grad_lb.to(logits_lb.dtype),
+            grad_s.to(logits_ulb_s.dtype))
