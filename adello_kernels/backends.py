@@ -76,6 +76,7 @@ def available_backends() -> list[str]:
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
+@torch.compiler.assume_constant_result  # evaluated once while tracing: no graph break
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for `backend` ('auto' or a name) on `device`; ValueError if none."""
     if backend == "auto":

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import backends
 from .functional import check_logits, check_prior, flexda_loss
+from .ops.snapshot import snapshot
 from .reference import FlexDAOutput, alpha_schedule
 
 
@@ -119,12 +120,13 @@ class ADELLOLoss(nn.Module):
         dist.all_reduce(buf)
         return buf[:-1] / buf[-1]
 
-    def _updated_prior(self, prior_batch: torch.Tensor):
-        """(Q_t, ok): the momentum update, or Q_{t-1} when the batch prior is not finite."""
+    def _updated_prior(self, prior_ulb: torch.Tensor, prior_batch: torch.Tensor):
+        """(Q_t, ok): the momentum update of Q_{t-1} = `prior_ulb`, or Q_{t-1} itself when the
+        batch prior is not finite."""
         ok = torch.isfinite(prior_batch).all()
         m = self.prior_momentum
-        new = m * self.prior_ulb + (1.0 - m) * prior_batch.to(self.prior_ulb.dtype)
-        return torch.where(ok, new, self.prior_ulb), ok
+        new = m * prior_ulb + (1.0 - m) * prior_batch.to(prior_ulb.dtype)
+        return torch.where(ok, new, prior_ulb), ok
 
     def forward(self, logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                 logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor) -> FlexDAOutput:
@@ -138,9 +140,16 @@ class ADELLOLoss(nn.Module):
             raise ValueError(f"logits_lb: on {logits_lb.device} but the ADELLOLoss state is on "
                              f"{self.prior_ulb.device} (move the module with .to(device))")
         n = logits_ulb_w.shape[0]
-        gate = self.step >= self.distill_start
+        backend = backends.resolve_backend(self.backend, logits_lb.device)
+        # The state this step reads (Q_{t-1}, t, T); it is updated in place at the end.
+        state = (self.prior_ulb, self.step, self.temperature, self.temperature_frozen)
+        if backend == "reference":  # see ops/snapshot.py
+            state = tuple(snapshot(x) for x in state)
+        q_prev, step, temperature, frozen = state
+        gate = step >= self.distill_start
         if self.flexda:
-            prior_lb, prior_ulb, alpha = self.prior_lb, self.prior_ulb, self.alpha()
+            prior_lb, prior_ulb = self.prior_lb, q_prev
+            alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
         else:
             prior_lb, prior_ulb, alpha = self._uniform, self._uniform, 1.0
 
@@ -149,23 +158,22 @@ class ADELLOLoss(nn.Module):
             # so the batch prior is computed up front (one extra softmax over z_w, this mode only).
             batch_prior = self._global_mean(
                 torch.softmax(logits_ulb_w.detach().float(), dim=-1).mean(0), n)
-            q_new, ok = self._updated_prior(batch_prior)
+            q_new, ok = self._updated_prior(q_prev, batch_prior)
             c = self.num_classes
             kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
             t_candidate = torch.exp(kl).to(self.temperature.dtype)
-            freeze_now = gate & ~self.temperature_frozen
-            temperature = torch.where(freeze_now, t_candidate, self.temperature)
-        else:
-            temperature = self.temperature
+            freeze_now = gate & ~frozen
+            temperature = torch.where(freeze_now, t_candidate, temperature)
 
         out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
                           alpha, threshold=self.threshold, lambda_u=self.lambda_u,
                           lambda_d=self.lambda_d, distill=gate, temperature=temperature,
-                          backend=self.backend, validate=False)
+                          backend=backend, validate=False)
 
         with torch.no_grad():
             if not self.imbalance_aware:
-                q_new, ok = self._updated_prior(self._global_mean(out.prior_batch.detach(), n))
+                q_new, ok = self._updated_prior(q_prev,
+                                                self._global_mean(out.prior_batch.detach(), n))
             else:
                 self.temperature.copy_(temperature)
                 self.temperature_frozen.logical_or_(freeze_now)

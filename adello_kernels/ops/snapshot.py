@@ -1,0 +1,23 @@
+"""`adello::snapshot`: an opaque copy of a state tensor, read before `ADELLOLoss` updates it in place.
+
+Why an op and not `Tensor.clone`: under `torch.compile`, AOTAutograd's min-cut partitioner may
+recompute cheap values for the backward (e.g. the logit adjustment built from `prior_ulb` and
+`step`) from the module's buffers, which by then hold this step's *updated* prior and step, so the
+reference backend's gradients come out wrong (seen with torch 2.13 / inductor). A clone is
+recomputed too; a custom op is not, so its output is saved as it was in the forward. The fused
+backends need no snapshot: their backward only scales gradients saved by the forward.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("adello::snapshot", mutates_args=(), device_types=("cpu", "cuda"))
+def snapshot(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` (any shape) that the compiler keeps as a saved value."""
+    return x.clone()
+
+
+@snapshot.register_fake
+def _(x):
+    return torch.empty_like(x)

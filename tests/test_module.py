@@ -1,0 +1,225 @@
+"""`ADELLOLoss`: the multi-step semantics of SPEC.md section 1 (prior update after the losses,
+alpha schedule, distillation gate, imbalance-aware temperature), state, errors and the NaN guard."""
+import copy
+import math
+
+import pytest
+import torch
+
+import adello_kernels as ak
+from adello_kernels.reference import alpha_schedule, flexda_reference
+from utils import make_inputs
+
+
+def batches(steps, b, n, c, seed=0, dtype=torch.float32, scale=4.0):
+    return [make_inputs(b, n, c, dtype=dtype, seed=seed + s, scale=scale)[:4]
+            for s in range(steps)]
+
+
+def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0, flexda=True,
+                momentum=0.999, **kw):
+    """SPEC.md section 1 step by step in float64, written independently of ADELLOLoss."""
+    c = prior_lb.shape[0]
+    q = torch.full((c,), 1.0 / c, dtype=torch.float64)
+    uniform = q.clone()
+    t_frozen = None
+    outs = []
+    for t, (z_l, y, z_w, z_s) in enumerate(data):
+        gate = t >= distill_start
+        alpha = alpha_schedule(t, total_steps) if flexda else 1.0
+        p_l, p_u = (prior_lb.double(), q) if flexda else (uniform, uniform)
+        pb = torch.softmax(z_w.double(), -1).mean(0)
+        q_next = momentum * q + (1 - momentum) * pb
+        if temperature == "imbalance_aware":
+            if gate and t_frozen is None:  # frozen from the prior after this step's update
+                t_frozen = math.exp(float(((1 / c) * torch.log((1 / c) / q_next)).sum()))
+            temp = t_frozen if t_frozen is not None else 1.0
+        else:
+            temp = temperature
+        out = flexda_reference(z_l.double(), y, z_w.double(), z_s.double(), p_l, p_u, alpha,
+                               distill=gate, temperature=temp, **kw)
+        outs.append(out)
+        q = q_next
+    return outs, q, t_frozen
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(distill_start=3, temperature=0.5),
+    dict(distill_start=2, temperature="imbalance_aware"),
+    dict(flexda=False),
+    dict(momentum=0.9, threshold=0.7, lambda_u=2.0, lambda_d=0.5),
+])
+def test_steps_match_manual_loop(kw):
+    kw = dict(kw)
+    momentum = kw.pop("momentum", 0.999)
+    c, total = 13, 8
+    gen = torch.Generator().manual_seed(1)
+    prior_lb = torch.rand(c, generator=gen) + 0.1
+    prior_lb /= prior_lb.sum()
+    data = batches(6, 7, 11, c, scale=6.0)
+    crit = ak.ADELLOLoss(prior_lb, total, prior_momentum=momentum, backend="reference", **kw)
+    want, q, t_frozen = manual_loop(prior_lb, data, total, momentum=momentum, **kw)
+    for step, (args, w) in enumerate(zip(data, want)):
+        got = crit(*args)
+        for name in ("loss", "loss_sup", "loss_unsup", "loss_distill", "prior_batch"):
+            torch.testing.assert_close(getattr(got, name).double(), getattr(w, name).double(),
+                                       rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+        assert torch.equal(got.pseudo_labels, w.pseudo_labels)
+    torch.testing.assert_close(crit.prior_ulb.double(), q, rtol=1e-6, atol=1e-7)
+    assert int(crit.step) == 6
+    if kw.get("temperature") == "imbalance_aware":
+        assert bool(crit.temperature_frozen)
+        assert float(crit.temperature) == pytest.approx(t_frozen, rel=1e-5)
+
+
+def test_imbalance_aware_temperature_freezes_once():
+    c = 6
+    prior_lb = torch.full((c,), 1.0 / c)
+    crit = ak.ADELLOLoss(prior_lb, 100, distill_start=2, temperature="imbalance_aware",
+                         prior_momentum=0.5, backend="reference")
+    data = batches(5, 4, 8, c, scale=8.0)
+    temps = []
+    for args in data:
+        crit(*args)
+        temps.append((float(crit.temperature), bool(crit.temperature_frozen)))
+    assert temps[0] == (1.0, False) and temps[1] == (1.0, False)
+    assert temps[2][1] and temps[2][0] > 1.0  # KL(U || Q) > 0 once Q is not uniform
+    assert temps[3] == temps[2] and temps[4] == temps[2]  # frozen while Q keeps moving
+
+
+def test_state_dict_round_trip_continues_identically():
+    c = 9
+    prior_lb = torch.softmax(torch.randn(c, generator=torch.Generator().manual_seed(0)), 0)
+    kw = dict(distill_start=2, temperature="imbalance_aware", backend="reference")
+    a = ak.ADELLOLoss(prior_lb, 50, **kw)
+    data = batches(6, 5, 7, c)
+    for args in data[:3]:
+        a(*args)
+    state = copy.deepcopy(a.state_dict())
+    assert set(state) == {"prior_lb", "prior_ulb", "step", "temperature", "temperature_frozen",
+                          "skipped_updates"}
+    b = ak.ADELLOLoss(torch.full((c,), 1.0 / c), 50, **kw)
+    b.load_state_dict(state)
+    for args in data[3:]:
+        oa, ob = a(*args), b(*args)
+        assert torch.equal(oa.loss, ob.loss)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_nan_weak_logits_leave_prior_unchanged_and_are_counted():
+    c = 5
+    crit = ak.ADELLOLoss(torch.full((c,), 0.2), 10, backend="reference")
+    z_l, y, z_w, z_s = batches(1, 3, 4, c)[0]
+    crit(z_l, y, z_w, z_s)
+    before = crit.prior_ulb.clone()
+    bad = z_w.clone()
+    bad[1, 3] = math.nan
+    out = crit(z_l, y, bad, z_s)
+    assert not bool(torch.isfinite(out.prior_batch).all())
+    assert torch.equal(crit.prior_ulb, before)
+    assert int(crit.skipped_updates) == 1 and int(crit.step) == 2
+    crit(z_l, y, z_w, z_s)  # a finite step updates again
+    assert not torch.equal(crit.prior_ulb, before) and int(crit.skipped_updates) == 1
+
+
+def test_nan_strong_logits_give_nan_loss_but_finite_prior_update():
+    c = 5
+    crit = ak.ADELLOLoss(torch.full((c,), 0.2), 10, backend="reference")
+    z_l, y, z_w, z_s = batches(1, 3, 4, c)[0]
+    z_s = z_s.clone()
+    z_s[0, 0] = math.inf
+    out = crit(z_l, y, z_w, z_s)
+    assert not bool(torch.isfinite(out.loss))
+    assert bool(torch.isfinite(crit.prior_ulb).all()) and int(crit.skipped_updates) == 0
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["labels", "classes", "dtype", "rows", "empty", "device_less"])
+def test_failed_call_leaves_state_unchanged(bad):
+    c = 4
+    crit = ak.ADELLOLoss(torch.full((c,), 0.25), 10, backend="reference")
+    z_l, y, z_w, z_s = batches(1, 3, 4, c)[0]
+    crit(z_l, y, z_w, z_s)
+    before = snapshot(crit)
+    args = [z_l, y, z_w, z_s]
+    if bad == "labels":
+        args[1] = torch.tensor([0, 1, 4])
+    elif bad == "classes":
+        args = [a[:, :3] if a.dim() == 2 else a for a in args]
+    elif bad == "dtype":
+        args[3] = z_s.double()
+    elif bad == "rows":
+        args[3] = z_s[:2]
+    elif bad == "empty":
+        args[2], args[3] = z_w[:0], z_s[:0]
+    else:
+        args[0] = [[0.0] * c] * 3
+    with pytest.raises(ValueError):
+        crit(*args)
+    after = snapshot(crit)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+BAD_CONSTRUCTOR = [
+    ("prior_lb", dict(prior_lb=torch.tensor([0.5, 0.6]))),
+    ("prior_lb", dict(prior_lb=torch.tensor([1.5, -0.5]))),
+    ("prior_lb", dict(prior_lb=torch.tensor([[0.5, 0.5]]))),
+    ("prior_lb", dict(prior_lb=torch.tensor([math.nan, 1.0]))),
+    ("total_steps", dict(total_steps=0)),
+    ("total_steps", dict(total_steps=1.5)),
+    ("alpha_min", dict(alpha_min=1.5)),
+    ("power", dict(power=0.0)),
+    ("threshold", dict(threshold=0.0)),
+    ("threshold", dict(threshold=1.2)),
+    ("prior_momentum", dict(prior_momentum=1.0)),
+    ("distill_start", dict(distill_start=-1)),
+    ("temperature", dict(temperature=0.0)),
+    ("temperature", dict(temperature="paper")),
+    ("lambda_u", dict(lambda_u=-1.0)),
+    ("lambda_d", dict(lambda_d=math.inf)),
+    ("backend", dict(backend="fast")),
+]
+
+
+@pytest.mark.parametrize("name,kw", BAD_CONSTRUCTOR)
+def test_bad_constructor_argument_raises_value_error_naming_it(name, kw):
+    args = dict(prior_lb=torch.tensor([0.5, 0.5]), total_steps=10)
+    args.update(kw)
+    with pytest.raises(ValueError, match=f"^{name}"):
+        ak.ADELLOLoss(args.pop("prior_lb"), args.pop("total_steps"), **args)
+
+
+def test_alpha_follows_the_schedule():
+    crit = ak.ADELLOLoss(torch.tensor([0.5, 0.5]), 10, backend="reference")
+    assert float(crit.alpha()) == 1.0
+    crit.step.fill_(5)
+    assert float(crit.alpha()) == pytest.approx(alpha_schedule(5, 10))
+
+
+@pytest.mark.parametrize("backend", [b for b in ak.available_backends() if b != "triton"])
+@pytest.mark.parametrize("temperature", [1.0, "imbalance_aware"])
+def test_compile_fullgraph_module_step(backend, temperature):
+    # Guards against the compiled backward recomputing values from buffers the step has already
+    # updated in place (ops/snapshot.py): gradients must equal eager ones step after step.
+    c = 11
+    prior_lb = torch.softmax(torch.randn(c, generator=torch.Generator().manual_seed(3)), 0)
+    crit = ak.ADELLOLoss(prior_lb, 20, distill_start=1, temperature=temperature,
+                         prior_momentum=0.5, backend=backend)
+    eager = copy.deepcopy(crit)
+    compiled = torch.compile(crit, fullgraph=True)
+    for args in batches(3, 6, 8, c):
+        z_l = args[0].clone().requires_grad_()
+        out = compiled(z_l, *args[1:])
+        grad = torch.autograd.grad(out.loss, z_l)[0]
+        z_l2 = args[0].clone().requires_grad_()
+        want = eager(z_l2, *args[1:])
+        torch.testing.assert_close(out.loss, want.loss)
+        torch.testing.assert_close(grad, torch.autograd.grad(want.loss, z_l2)[0])
+    torch.testing.assert_close(crit.prior_ulb, eager.prior_ulb)
+    assert int(crit.step) == 3
