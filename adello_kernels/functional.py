@@ -134,17 +134,15 @@ def check_hyperparameters(*, alpha, threshold, lambda_u, lambda_d, distill, temp
 
 def _hparams(lambda_u: float, lambda_d: float, distill: Scalar, temperature: Scalar,
              device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The op's [4] hyperparameter tensor (lambda_u, lambda_d, distill_gate, T) on `device`."""
-    tensors = [v for v in (distill, temperature) if isinstance(v, torch.Tensor)]
-    if not tensors:
-        return torch.tensor([lambda_u, lambda_d, float(bool(distill)), float(temperature)],
-                            device=device, dtype=dtype)
-    gate = (distill != 0).to(dtype) if isinstance(distill, torch.Tensor) else \
-        torch.tensor(float(bool(distill)), device=device, dtype=dtype)
-    temp = temperature.to(dtype) if isinstance(temperature, torch.Tensor) else \
-        torch.tensor(float(temperature), device=device, dtype=dtype)
-    lam = torch.tensor([lambda_u, lambda_d], device=device, dtype=dtype)
-    return torch.cat([lam, gate.reshape(1), temp.reshape(1)])
+    """The op's [4] hyperparameter tensor (lambda_u, lambda_d, distill_gate, T) on `device`,
+    built from fills and device tensors only (no host-to-device copy, so it can be captured)."""
+    def entry(v, gate=False):
+        if isinstance(v, torch.Tensor):
+            return ((v != 0) if gate else v).to(dtype).reshape(1)
+        return torch.full((1,), float(bool(v)) if gate else float(v), dtype=dtype, device=device)
+
+    return torch.cat([entry(lambda_u), entry(lambda_d), entry(distill, gate=True),
+                      entry(temperature)])
 
 
 def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: torch.Tensor,
@@ -196,8 +194,15 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
     acc = accumulate_dtype(logits_lb.dtype)
     ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=acc)
     hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc)
-    loss, terms, mask, pseudo_labels, prior_batch, _, _ = backends.fused_op(name)(
-        logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams, float(threshold))
+    return fused_step(name, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams,
+                      float(threshold))
+
+
+def fused_step(backend: str, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb,
+               hparams, threshold: float) -> FlexDAOutput:
+    """Call a fused backend's op (no validation) and package its outputs."""
+    loss, terms, mask, pseudo_labels, prior_batch, _, _ = backends.fused_op(backend)(
+        logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams, threshold)
     loss_sup, loss_unsup, loss_distill = terms.unbind()
     return FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                         prior_batch)

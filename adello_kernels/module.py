@@ -9,9 +9,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backends
-from .functional import check_logits, check_prior, flexda_loss
+from .functional import check_logits, check_prior, flexda_loss, fused_step
 from .ops.snapshot import snapshot
-from .reference import FlexDAOutput, alpha_schedule
+from .ops.state import adello_prepare, adello_update_, update_prior_
+from .reference import FlexDAOutput, accumulate_dtype, alpha_schedule
 
 
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False,
@@ -120,14 +121,6 @@ class ADELLOLoss(nn.Module):
         dist.all_reduce(buf)
         return buf[:-1] / buf[-1]
 
-    def _updated_prior(self, prior_ulb: torch.Tensor, prior_batch: torch.Tensor):
-        """(Q_t, ok): the momentum update of Q_{t-1} = `prior_ulb`, or Q_{t-1} itself when the
-        batch prior is not finite."""
-        ok = torch.isfinite(prior_batch).all()
-        m = self.prior_momentum
-        new = m * prior_ulb + (1.0 - m) * prior_batch.to(prior_ulb.dtype)
-        return torch.where(ok, new, prior_ulb), ok
-
     def forward(self, logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                 logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor) -> FlexDAOutput:
         # All checks come before any state changes, so a rejected call leaves the module as it was.
@@ -146,38 +139,49 @@ class ADELLOLoss(nn.Module):
         if backend == "reference":  # see ops/snapshot.py
             state = tuple(snapshot(x) for x in state)
         q_prev, step, temperature, frozen = state
-        gate = step >= self.distill_start
-        if self.flexda:
-            prior_lb, prior_ulb = self.prior_lb, q_prev
-            alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
-        else:
-            prior_lb, prior_ulb, alpha = self._uniform, self._uniform, 1.0
 
         if self.imbalance_aware:
             # T = exp(KL(U || Q_t)) needs this step's updated prior before the distillation loss,
             # so the batch prior is computed up front (one extra softmax over z_w, this mode only).
             batch_prior = self._global_mean(
                 torch.softmax(logits_ulb_w.detach().float(), dim=-1).mean(0), n)
-            q_new, ok = self._updated_prior(q_prev, batch_prior)
+            q_new = q_prev.clone()
+            update_prior_(q_new, torch.zeros_like(step), torch.zeros_like(step), batch_prior,
+                          self.prior_momentum)
             c = self.num_classes
             kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
-            t_candidate = torch.exp(kl).to(self.temperature.dtype)
-            freeze_now = gate & ~frozen
-            temperature = torch.where(freeze_now, t_candidate, temperature)
+            freeze_now = (step >= self.distill_start) & ~frozen
+            temperature = torch.where(freeze_now, torch.exp(kl).to(temperature.dtype), temperature)
 
-        out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
-                          alpha, threshold=self.threshold, lambda_u=self.lambda_u,
-                          lambda_d=self.lambda_d, distill=gate, temperature=temperature,
-                          backend=backend, validate=False)
+        if backend == "reference":  # plain PyTorch end to end: what users run without kernels
+            if self.flexda:
+                prior_lb, prior_ulb = self.prior_lb, q_prev
+                alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
+            else:
+                prior_lb, prior_ulb, alpha = self._uniform, self._uniform, 1.0
+            out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
+                              prior_ulb, alpha, threshold=self.threshold, lambda_u=self.lambda_u,
+                              lambda_d=self.lambda_d, distill=step >= self.distill_start,
+                              temperature=temperature, backend=backend, validate=False)
+        else:  # fused: prologue op, the row kernel, epilogue op
+            adj_lb, adj_ulb, hparams = adello_prepare(
+                self.prior_lb, q_prev, step, temperature, self.total_steps, self.alpha_min,
+                self.power, self.distill_start, self.lambda_u, self.lambda_d, 1e-9, self.flexda,
+                accumulate_dtype(logits_lb.dtype))
+            out = fused_step(backend, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb,
+                             adj_ulb, hparams, self.threshold)
 
         with torch.no_grad():
-            if not self.imbalance_aware:
-                q_new, ok = self._updated_prior(q_prev,
-                                                self._global_mean(out.prior_batch.detach(), n))
-            else:
+            if self.imbalance_aware:
                 self.temperature.copy_(temperature)
                 self.temperature_frozen.logical_or_(freeze_now)
-            self.prior_ulb.copy_(q_new)
-            self.skipped_updates.add_((~ok).to(torch.int64))
-            self.step.add_(1)
+            else:
+                batch_prior = self._global_mean(out.prior_batch.detach(), n)
+            # The C++ epilogue saves ~10 small ops per eager step; a compiled step fuses the
+            # PyTorch version itself (and inductor mishandles reads of state that a mutating
+            # custom op updates later in the same graph).
+            eager_fused = backend != "reference" and not torch.compiler.is_compiling()
+            update = adello_update_ if eager_fused else update_prior_
+            update(self.prior_ulb, self.step, self.skipped_updates, batch_prior,
+                   self.prior_momentum)
         return out

@@ -43,6 +43,10 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
     return outs, q, t_frozen
 
 
+BACKENDS = [b for b in ak.available_backends() if b != "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(distill_start=3, temperature=0.5),
@@ -50,7 +54,7 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
     dict(flexda=False),
     dict(momentum=0.9, threshold=0.7, lambda_u=2.0, lambda_d=0.5),
 ])
-def test_steps_match_manual_loop(kw):
+def test_steps_match_manual_loop(kw, backend):
     kw = dict(kw)
     momentum = kw.pop("momentum", 0.999)
     c, total = 13, 8
@@ -58,7 +62,7 @@ def test_steps_match_manual_loop(kw):
     prior_lb = torch.rand(c, generator=gen) + 0.1
     prior_lb /= prior_lb.sum()
     data = batches(6, 7, 11, c, scale=6.0)
-    crit = ak.ADELLOLoss(prior_lb, total, prior_momentum=momentum, backend="reference", **kw)
+    crit = ak.ADELLOLoss(prior_lb, total, prior_momentum=momentum, backend=backend, **kw)
     want, q, t_frozen = manual_loop(prior_lb, data, total, momentum=momentum, **kw)
     for step, (args, w) in enumerate(zip(data, want)):
         got = crit(*args)
@@ -108,9 +112,10 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(v, b.state_dict()[k]), k
 
 
-def test_nan_weak_logits_leave_prior_unchanged_and_are_counted():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_weak_logits_leave_prior_unchanged_and_are_counted(backend):
     c = 5
-    crit = ak.ADELLOLoss(torch.full((c,), 0.2), 10, backend="reference")
+    crit = ak.ADELLOLoss(torch.full((c,), 0.2), 10, backend=backend)
     z_l, y, z_w, z_s = batches(1, 3, 4, c)[0]
     crit(z_l, y, z_w, z_s)
     before = crit.prior_ulb.clone()
@@ -124,9 +129,10 @@ def test_nan_weak_logits_leave_prior_unchanged_and_are_counted():
     assert not torch.equal(crit.prior_ulb, before) and int(crit.skipped_updates) == 1
 
 
-def test_nan_strong_logits_give_nan_loss_but_finite_prior_update():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_strong_logits_give_nan_loss_but_finite_prior_update(backend):
     c = 5
-    crit = ak.ADELLOLoss(torch.full((c,), 0.2), 10, backend="reference")
+    crit = ak.ADELLOLoss(torch.full((c,), 0.2), 10, backend=backend)
     z_l, y, z_w, z_s = batches(1, 3, 4, c)[0]
     z_s = z_s.clone()
     z_s[0, 0] = math.inf
@@ -202,7 +208,7 @@ def test_alpha_follows_the_schedule():
     assert float(crit.alpha()) == pytest.approx(alpha_schedule(5, 10))
 
 
-@pytest.mark.parametrize("backend", [b for b in ak.available_backends() if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, "imbalance_aware"])
 def test_compile_fullgraph_module_step(backend, temperature):
     # Guards against the compiled backward recomputing values from buffers the step has already
