@@ -1,0 +1,104 @@
+// CPU emulation of csrc/cuda/flexda_cuda.cu, for testing the CUDA kernels' logic without a GPU.
+//
+// The kernel source is compiled unchanged by the host compiler: the CUDA built-ins it uses are
+// defined here (threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_xor_sync, the
+// qualifiers) and ADELLO_LAUNCH runs a grid on blockDim OS threads, one CUDA thread each, the
+// blocks one after another. __syncthreads is a barrier of the block's threads; a shuffle is an
+// exchange through a per-warp slot array between two barriers of the warp's 32 threads; __shared__
+// variables become function-local statics (one copy, which is exactly right for blocks that run
+// one at a time). Everything else (tier choice, grid sizes, workspace layout, vector/scalar load
+// paths, reductions, the finalize kernel) is the production code.
+//
+// What this cannot check: real-GPU concerns (memory coalescing, register pressure, the exact
+// expf/logf of the device math library, warp-synchronous assumptions; the kernels make none:
+// every cross-thread exchange is a shuffle or goes through __syncthreads).
+//
+// Built by tests/test_cuda_kernel.py with torch.utils.cpp_extension.load and -DADELLO_GRID_CAP=4
+// (at most 4 blocks per role, so that a few dozen rows already loop inside warps and blocks);
+// registers torch.ops.adello_cuda_emu.flexda_fwd for CPU tensors with the op's schema.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+
+namespace adello_emu {
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+
+struct Grid {
+  explicit Grid(int threads) : block_barrier(threads), slots(threads) {
+    for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<uint64_t> slots;  // one shuffle word per thread
+};
+inline Grid* current = nullptr;
+}  // namespace adello_emu
+
+inline thread_local adello_emu::Dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline void __syncthreads() { adello_emu::current->block_barrier.arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask: all kernels shuffle with the full warp*/, T v, int offset) {
+  static_assert(sizeof(T) <= 8, "one slot per thread");
+  adello_emu::Grid& g = *adello_emu::current;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  g.slots[tid] = bits;
+  g.warp_barriers[warp]->arrive_and_wait();
+  const uint64_t other = g.slots[warp * 32 + (lane ^ offset)];
+  g.warp_barriers[warp]->arrive_and_wait();  // nobody overwrites a slot before it was read
+  T r;
+  std::memcpy(&r, &other, sizeof(T));
+  return r;
+}
+
+namespace adello_emu {
+template <typename P>
+void launch(void (*kernel)(P), int grid, int block, const P& params) {
+  TORCH_CHECK(block % 32 == 0 && block <= 1024 && grid >= 1, "bad launch ", grid, "x", block);
+  Grid g(block);
+  current = &g;
+  std::vector<std::thread> threads;
+  threads.reserve(block);
+  for (int tid = 0; tid < block; ++tid) {
+    threads.emplace_back([&, tid] {
+      threadIdx.x = tid;
+      blockDim.x = block;
+      gridDim.x = grid;
+      for (int b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        kernel(params);
+        g.block_barrier.arrive_and_wait();  // the next block starts when this one is done
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  current = nullptr;
+}
+}  // namespace adello_emu
+
+#define ADELLO_CUDA_EMULATION 1
+#define ADELLO_LAUNCH(kernel, grid, block, stream, params) \
+  ::adello_emu::launch(kernel, (grid), (block), (params))
+
+#include "../csrc/cuda/flexda_cuda.cu"
+
+TORCH_LIBRARY(adello_cuda_emu, m) { m.def("flexda_fwd", &adello::flexda_fwd_cuda); }
