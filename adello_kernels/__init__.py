@@ -12,6 +12,7 @@ from .module import ADELLOLoss
 from .reference import FlexDAOutput, alpha_schedule
 
 _backends._load_extension()  # register the compiled kernels now (one-line warning if not built)
+_backends._load_triton()     # and the Triton ones, when triton is installed
 
 __version__ = "0.1.0"
 __all__ = ["ADELLOLoss", "FlexDAOutput", "alpha_schedule", "available_backends", "flexda_loss"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import warnings
 
 import torch
@@ -37,15 +36,21 @@ def _load_extension() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _load_triton() -> bool:
+    """Import the Triton kernels (registers adello::flexda_fwd_triton's kernels); False when
+    triton is missing or there is nothing it can run on here."""
     try:
-        from .ops import flexda_triton  # noqa: F401
+        from .ops import flexda_triton
     except ImportError:
         return False
     return flexda_triton.is_usable()
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 at import)."""
+    if not _load_triton():
+        return False
+    from .ops import flexda_triton
+    return flexda_triton.INTERPRETED
 
 
 def _backend_devices(name: str) -> tuple[str, ...]:

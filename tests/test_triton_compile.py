@@ -1,0 +1,193 @@
+"""Ahead-of-time compile check of the Triton kernels for real GPUs, without a GPU.
+
+Every specialisation the launcher of adello_kernels/ops/flexda_triton.py can pick (each logits
+dtype x each `kernel_config` the heuristics can return, see `all_kernel_configs`) and the
+finalize kernel (fp32 and fp64 accumulation) are compiled with `triton.compile` for sm_80 (A100)
+and sm_90 (H100/H200) down to PTX and a cubin (Triton's bundled ptxas). A kernel that would not
+build on a real GPU (an unsupported op for a dtype, a layout that cannot be lowered, a shared
+memory or register overflow) fails here, in CI.
+
+Besides the constexprs, a configuration says whether rows are 16-byte aligned: Triton's JIT
+specialises the integer argument `row_bytes` on divisibility by 16, which turns accesses into
+16-byte vectors, and the launcher caps registers only then. Pointers are compiled as 16-byte
+aligned, as Triton's JIT specialises fresh torch allocations. The JIT also turns an integer
+argument equal to 1 into a constexpr, so B = N = 1 (and P = C = 1 in the finalize kernel) are
+compiled too: a kernel calling a tensor method such as `.to()` on one of them fails only there.
+
+The compiled cubins are also checked for register spills: the fp32-accumulating configurations
+are capped at 128 registers (two 8-warp programs per SM) on the premise that ptxas needs no
+spill there; a kernel change that breaks this premise shows up here as local-memory use.
+
+Triton caches compiled kernels (~/.triton/cache): the first run compiles about 90 kernels (about
+3 minutes of CPU time), later runs of an unchanged kernel take seconds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions, which triton.compile "
+                "cannot lower; run this file without the interpreter", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from adello_kernels.ops import flexda_triton as ft  # noqa: E402
+
+ARCHS = (80, 90)
+TRITON_TYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+               torch.float64: "fp64"}
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.float64: "fp64"}
+
+
+def _signature(kernel, pointer_types: dict[str, str]) -> tuple[dict, dict]:
+    """Triton signature (every argument of `kernel` typed; ints as i32, thr_bits as i64,
+    constexprs as 'constexpr') and the 16-byte alignment attributes of its pointers."""
+    sig, attrs = {}, {}
+    for i, p in enumerate(kernel.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = "*" + pointer_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i64" if name == "thr_bits" else "i32"
+    return sig, attrs
+
+
+def _aligned(kernel, attrs: dict, name: str) -> dict:
+    """`attrs` plus: integer argument `name` is a multiple of 16."""
+    index = [p.name for p in kernel.params].index(name)
+    return {**attrs, (index,): [["tt.divisibility", 16]]}
+
+
+def _fwd_pointer_types(dtype: torch.dtype) -> dict[str, str]:
+    e = TRITON_TYPE[dtype]
+    a = "fp64" if dtype == torch.float64 else "fp32"
+    return {"zl_ptr": e, "zw_ptr": e, "zs_ptr": e, "glb_ptr": e, "gs_ptr": e,
+            "y_ptr": "i64", "plab_ptr": "i64", "ds_ptr": a, "du_ptr": a, "hp_ptr": a,
+            "loss_part_ptr": a, "prior_part_ptr": a, "mask_ptr": a}
+
+
+def _local_memory_bytes(cubin: bytes, tmp_path) -> int | None:
+    """STACK + LOCAL bytes per thread reported by cuobjdump for `cubin` (None: no cuobjdump)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        tool = shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    fields = dict(tok.split(":", 1) for tok in out.split() if ":" in tok
+                  and tok.split(":", 1)[1].isdigit())
+    return int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+
+
+def _check_binary(compiled, arch: int) -> None:
+    ptx = compiled.asm["ptx"]
+    assert f".target sm_{arch}" in ptx, "PTX for the wrong architecture"
+    assert ".entry" in ptx
+    cubin = compiled.asm["cubin"]
+    assert isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF", "no cubin produced"
+
+
+FWD_CASES = [(dtype, cfg, arch) for dtype in ft.LOGITS_DTYPES
+             for cfg in ft.all_kernel_configs(dtype) for arch in ARCHS]
+
+
+def _fwd_id(case) -> str:
+    dtype, cfg, arch = case
+    regime = "loop" if cfg.loop_c else "fused"
+    return (f"sm{arch}-{DTYPE_IDS[dtype]}-{regime}-rows{cfg.rows}-block{cfg.block_c}"
+            f"-w{cfg.num_warps}-{'rows16B' if cfg.aligned else 'unaligned'}")
+
+
+def test_dispatcher_choices_are_all_listed():
+    """`all_kernel_configs` (what this file compiles) covers what `kernel_config` returns."""
+    for dtype in ft.LOGITS_DTYPES:
+        listed = set(ft.all_kernel_configs(dtype))
+        for c in list(range(1, 300)) + [500, 999, 1000, 1024, 2047, 2049, 4096, 4097, 8192,
+                                        10000, 32768, 100000]:
+            assert ft.kernel_config(c, dtype) in listed, (dtype, c)
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=_fwd_id)
+def test_fwd_kernel_compiles(case, tmp_path):
+    dtype, cfg, arch = case
+    sig, attrs = _signature(ft._flexda_fwd_kernel, _fwd_pointer_types(dtype))
+    if cfg.aligned:
+        attrs = _aligned(ft._flexda_fwd_kernel, attrs, "row_bytes")
+    src = ASTSource(fn=ft._flexda_fwd_kernel, signature=sig, attrs=attrs,
+                    constexprs={"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c})
+    options = {"num_warps": cfg.num_warps}
+    if cfg.maxnreg:
+        options["maxnreg"] = cfg.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    _check_binary(compiled, arch)
+    if cfg.aligned:
+        vector = "ld.global.v2.b64" if dtype == torch.float64 else "ld.global.v4"
+        assert vector in compiled.asm["ptx"], "16-byte rows but no 16-byte loads"
+    if cfg.maxnreg:
+        spill = _local_memory_bytes(compiled.asm["cubin"], tmp_path)
+        # a few bytes of stack are tolerated (ptxas saves a register pair across a call)
+        assert spill is None or spill <= 16, f"{spill} bytes of local memory per thread"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("acc", ["fp32", "fp64"])
+def test_finalize_kernel_compiles(acc, arch):
+    ptrs = {name: acc for name in ("loss_part_ptr", "prior_part_ptr", "hp_ptr", "loss_ptr",
+                                   "terms_ptr", "prior_ptr")}
+    sig, attrs = _signature(ft._flexda_finalize_kernel, ptrs)
+    src = ASTSource(fn=ft._flexda_finalize_kernel, signature=sig, attrs=attrs,
+                    constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": ft.FIN_NUM_WARPS})
+    _check_binary(compiled, arch)
+
+
+UNIT_CASES = [(torch.float32, ft.kernel_config(1000, torch.float32)),
+              (torch.bfloat16, ft.kernel_config(20000, torch.bfloat16)),
+              (torch.float64, ft.kernel_config(10, torch.float64))]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("case", UNIT_CASES, ids=lambda c: f"{DTYPE_IDS[c[0]]}-"
+                         f"{'loop' if c[1].loop_c else 'fused'}")
+def test_fwd_kernel_compiles_with_one_row(case, arch):
+    """B = N = 1: Triton's JIT passes them as constexpr 1."""
+    dtype, cfg = case
+    sig, attrs = _signature(ft._flexda_fwd_kernel, _fwd_pointer_types(dtype))
+    sig["B"] = sig["N"] = "constexpr"
+    src = ASTSource(fn=ft._flexda_fwd_kernel, signature=sig, attrs=attrs,
+                    constexprs={"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c,
+                                "B": 1, "N": 1})
+    options = {"num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
+    _check_binary(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_finalize_kernel_compiles_with_unit_sizes(arch):
+    """P = B = N = C = 1 (one program, one class): constexpr 1 for each."""
+    ptrs = {name: "fp32" for name in ("loss_part_ptr", "prior_part_ptr", "hp_ptr", "loss_ptr",
+                                      "terms_ptr", "prior_ptr")}
+    sig, attrs = _signature(ft._flexda_finalize_kernel, ptrs)
+    for name in ("P", "B", "N", "C"):
+        sig[name] = "constexpr"
+    src = ASTSource(fn=ft._flexda_finalize_kernel, signature=sig, attrs=attrs,
+                    constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C,
+                                "P": 1, "B": 1, "N": 1, "C": 1})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": ft.FIN_NUM_WARPS})
+    _check_binary(compiled, arch)

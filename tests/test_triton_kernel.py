@@ -1,0 +1,579 @@
+"""The Triton kernel of `adello::flexda_fwd_triton` (adello_kernels/ops/flexda_triton.py) against
+the float64 reference, on CPU under Triton's interpreter and, when present, on a GPU.
+
+How the interpreter tests run. TRITON_INTERPRET=1 only takes effect if it is set before the
+kernels are decorated (when adello_kernels.ops.flexda_triton is first imported). `pytest tests/`
+imports every test file into one process, where triton may already have been imported without the
+interpreter (tests/test_triton_compile.py does), and setting the variable in that process would
+change what every later test sees (`available_backends()` on CPU). So this file runs itself:
+  * in a process started with TRITON_INTERPRET=1 the interpreter tests below run directly
+    (`TRITON_INTERPRET=1 pytest tests/test_triton_kernel.py -m "not gpu"`);
+  * in any other process, `test_interpreter_suite` runs exactly that command in a subprocess (with
+    the repository root on PYTHONPATH) and fails with the child's output if any child test fails.
+The GPU tests (marked `gpu`) run in the normal process, without the interpreter, on CUDA.
+
+Tolerances (SPEC.md section 6): fp32 losses rel 1e-5 and gradients 1e-6 * max(1, max|grad|);
+bf16/fp16 losses rel 1e-2 and gradients 2e-2 * max|grad|; masks and pseudo-labels exact except
+rows whose weak max probability is within 1e-5 of tau or whose top two weak logits tie within 1e-5.
+The reference runs in float64 on the same (already rounded) inputs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if INTERPRETED:
+    # The child process: make the numpy warnings of the interpreter (0 * inf on padding columns,
+    # computed by tl.where's discarded branch) quiet; they are not errors on a GPU either.
+    pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+FLOAT_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.float64: "fp64"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def make_case(b, n, c, dtype, *, scale=3.0, confident=0.5, seed=0, device="cpu"):
+    """Logits with both confident (M = 1) and unconfident weak rows, labels, adjustments."""
+    g = torch.Generator().manual_seed(seed)
+    z_l = torch.randn(b, c, generator=g) * scale
+    z_w = torch.randn(n, c, generator=g) * scale
+    peaked = torch.rand(n, generator=g) < confident
+    cls = torch.randint(0, c, (n,), generator=g)
+    z_w[peaked, cls[peaked]] += 8 * scale
+    z_s = 0.5 * z_w + torch.randn(n, c, generator=g) * scale
+    y = torch.randint(0, c, (b,), generator=g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ds = (torch.randn(c, generator=g) * 0.7).to(acc)
+    du = (torch.randn(c, generator=g) * 0.7).to(acc)
+    to = dict(device=device)
+    return (z_l.to(dtype).to(**to), y.to(**to), z_w.to(dtype).to(**to), z_s.to(dtype).to(**to),
+            ds.to(**to), du.to(**to))
+
+
+def hparams(lambda_u, lambda_d, gate, temperature, dtype, device="cpu"):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.tensor([lambda_u, lambda_d, gate, temperature], dtype=acc, device=device)
+
+
+def ambiguous_rows(z_w: torch.Tensor, tau: float) -> torch.Tensor:
+    """Rows exempt from exact mask / pseudo-label equality (SPEC.md section 6): max probability
+    within 1e-5 of tau, or top two logits within 1e-5 of each other. Exact ties (frequent in
+    bf16) are not exempt: the contract takes the first index of the max, which is exact."""
+    z = z_w.double()
+    pmax = torch.softmax(z, -1).amax(-1)
+    near_tau = (pmax - tau).abs() < 1e-5
+    if z.shape[1] < 2:
+        return near_tau
+    top2 = z.topk(2, dim=-1).values
+    gap = top2[:, 0] - top2[:, 1]
+    return near_tau | ((gap > 0) & (gap < 1e-5))
+
+
+def reference(args, hp, tau):
+    from adello_kernels.reference import flexda_fwd_reference
+    z_l, y, z_w, z_s, ds, du = args
+    return flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds.double(),
+                                du.double(), hp.double(), tau)
+
+
+def assert_close_loss(x, r, dtype, what):
+    rtol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+    x, r = float(torch.as_tensor(x).detach()), float(torch.as_tensor(r).detach())
+    assert abs(x - r) <= rtol * abs(r) + 1e-7, f"{what}: {x!r} vs reference {r!r}"
+
+
+def assert_close_grad(g, r, dtype, what):
+    r = r.double().cpu()
+    err = (g.double().cpu() - r).abs().max().item()
+    big = r.abs().max().item()
+    tol = 1e-6 * max(1.0, big) if dtype in (torch.float32, torch.float64) else 2e-2 * big
+    assert err <= tol, f"{what}: max abs err {err:.3g} > {tol:.3g}"
+
+
+def assert_matches(out, ref, args, tau, dtype, *, both_masks=True):
+    """Every output of the op against the float64 reference, at SPEC.md section 6 tolerances."""
+    loss, terms, mask, plab, prior, g_l, g_s = out
+    r_loss, r_terms, r_mask, r_plab, r_prior, r_gl, r_gs = ref
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.shape == () and loss.dtype == acc and terms.shape == (3,) and terms.dtype == acc
+    assert mask.dtype == acc and plab.dtype == torch.int64 and prior.dtype == acc
+    assert g_l.dtype == dtype and g_s.dtype == dtype
+    z_w = args[2]
+    amb = ambiguous_rows(z_w, tau).cpu()
+    # a row whose mask flips changes L_u and L_d by O(1/N): the cases are built without such rows
+    assert not amb.any(), "test data has rows at the tau / tie boundary; pick another seed"
+    assert torch.equal(mask.cpu(), r_mask.to(acc).cpu()), "mask"
+    assert torch.equal(plab.cpu(), r_plab.cpu()), "pseudo_labels"
+    if both_masks:
+        assert 0 < int(r_mask.sum()) < r_mask.numel(), "test data should mix M = 0 and M = 1"
+    assert_close_loss(loss, r_loss, dtype, "loss")
+    for k, name in enumerate(("L_s", "L_u", "L_d")):
+        assert_close_loss(terms[k], r_terms[k], dtype, name)
+    assert (prior.double().cpu() - r_prior.cpu()).abs().max().item() <= 1e-6, "prior_batch"
+    assert_close_grad(g_l, r_gl, dtype, "grad_lb")
+    assert_close_grad(g_s, r_gs, dtype, "grad_ulb_s")
+
+
+def run_op(args, hp, tau):
+    z_l, y, z_w, z_s, ds, du = args
+    return torch.ops.adello.flexda_fwd_triton(z_l, y, z_w, z_s, ds, du, hp, tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# The normal process: run the interpreter tests in a child, check the registration
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child process already")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_suite():
+    """Runs this file under TRITON_INTERPRET=1 in a fresh process (see the module docstring)."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+           os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    report = (proc.stdout[-8000:] + "\n" + proc.stderr[-3000:]).strip()
+    print(report.splitlines()[-1] if report else "")
+    assert proc.returncode == 0, f"interpreter tests failed (exit {proc.returncode}):\n{report}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_op_has_cuda_kernel_after_import():
+    """Every adello:: op needs a CUDA-key kernel: importing the Triton module registers it."""
+    from adello_kernels.ops import flexda as ops
+    from adello_kernels.ops import flexda_triton  # noqa: F401
+    assert ops.has_kernel("flexda_fwd_triton", "CUDA")
+    assert ops.has_kernel("flexda_fwd_triton", "CPU") == flexda_triton.INTERPRETED
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpreter tests (CPU tensors, TRITON_INTERPRET=1)
+# ---------------------------------------------------------------------------------------------
+
+interp = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton is "
+                            "imported: runs in the child process of test_interpreter_suite")
+
+
+@pytest.fixture
+def ft():
+    from adello_kernels.ops import flexda_triton
+    assert flexda_triton.INTERPRETED
+    return flexda_triton
+
+
+@pytest.fixture
+def column_loop(ft, monkeypatch):
+    """Forces the large-C regime at small C: whole rows only up to 128 classes, 128-column blocks
+    (C = 300 gives three blocks, the last one partial)."""
+    monkeypatch.setattr(ft, "MAX_FUSED_BLOCK_C", 128)
+    monkeypatch.setattr(ft, "LOOP_BLOCK_C", 128)
+    return ft
+
+
+# (B, N, C, dtype, T, gate, tau): rows never a multiple of the tile (16 rows at C <= 128, 8 at
+# 256, 2 at 1024), every dtype, T != 1 and distillation on and off.
+FUSED_CASES = [
+    (37, 45, 100, torch.float32, 1.0, 1.0, 0.9),
+    (37, 45, 100, torch.float32, 2.5, 1.0, 0.9),
+    (37, 45, 100, torch.float32, 2.0, 0.0, 0.9),
+    (21, 34, 127, torch.bfloat16, 1.0, 1.0, 0.95),
+    (21, 34, 200, torch.float16, 0.5, 1.0, 0.9),
+    (19, 23, 100, torch.bfloat16, 1.5, 0.0, 0.9),
+    (5, 7, 1000, torch.float32, 1.0, 1.0, 0.6),
+    (1, 1, 10, torch.float32, 2.0, 1.0, 0.5),
+]
+
+
+def _case_id(case):
+    b, n, c, dtype, t, gate, tau = case
+    return f"B{b}-N{n}-C{c}-{FLOAT_IDS[dtype]}-T{t}-{'distill' if gate else 'nodistill'}"
+
+
+@interp
+@pytest.mark.parametrize("case", FUSED_CASES, ids=_case_id)
+def test_fused_rows_match_reference(ft, case):
+    b, n, c, dtype, t, gate, tau = case
+    assert not ft.kernel_config(c, dtype).loop_c
+    args = make_case(b, n, c, dtype, seed=b + c)
+    hp = hparams(1.3, 0.7, gate, t, dtype)
+    out = run_op(args, hp, tau)
+    assert_matches(out, reference(args, hp, tau), args, tau, dtype, both_masks=n > 1)
+    if not gate:
+        assert float(out[1][2]) == 0.0, "distillation off: terms[2] must be exactly 0"
+
+
+LOOP_CASES = [
+    (11, 13, 300, torch.float32, 1.0, 1.0, 0.9),
+    (11, 13, 300, torch.float32, 2.0, 1.0, 0.9),
+    (9, 10, 260, torch.bfloat16, 1.0, 0.0, 0.9),
+    (9, 10, 257, torch.float16, 0.7, 1.0, 0.9),
+]
+
+
+@interp
+@pytest.mark.parametrize("case", LOOP_CASES, ids=_case_id)
+def test_column_loop_matches_reference(column_loop, case):
+    b, n, c, dtype, t, gate, tau = case
+    cfg = column_loop.kernel_config(c, dtype)
+    assert cfg.loop_c and cfg.block_c < c
+    args = make_case(b, n, c, dtype, seed=c)
+    hp = hparams(0.8, 1.4, gate, t, dtype)
+    assert_matches(run_op(args, hp, tau), reference(args, hp, tau), args, tau, dtype)
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_pseudo_label_is_first_index_of_tied_max(ft, monkeypatch, regime):
+    """yhat = first index of the max weak logit, within a column block and across blocks of the
+    large-C loop (a later block's max replaces the running one only when strictly larger)."""
+    if regime == "loop":
+        monkeypatch.setattr(ft, "MAX_FUSED_BLOCK_C", 128)
+        monkeypatch.setattr(ft, "LOOP_BLOCK_C", 128)
+    c = 300
+    assert ft.kernel_config(c, torch.float32).loop_c == (regime == "loop")
+    ties = [(5, 200), (130, 131), (0, 299), (127, 128), (250, 251)]
+    z_l, y, z_w, z_s, ds, du = make_case(4, len(ties), c, torch.float32, seed=8)
+    z_w = torch.randn(len(ties), c, generator=torch.Generator().manual_seed(1))
+    for i, (k1, k2) in enumerate(ties):
+        z_w[i, k1] = z_w[i, k2] = 9.0
+    args = (z_l, y, z_w, z_s, ds, du)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    out = run_op(args, hp, 0.3)
+    assert out[3].tolist() == [k1 for k1, _ in ties]
+    ref = reference(args, hp, 0.3)
+    assert torch.equal(out[3], ref[3])
+    assert_close_loss(out[0], ref[0], torch.float32, "loss")
+
+
+@interp
+def test_float64_logits_match_reference(ft):
+    """fp64 (allowed by the op schema) runs its own column-loop configuration, fp64 throughout."""
+    args = make_case(13, 15, 700, torch.float64, seed=3)
+    hp = hparams(1.0, 1.0, 1.0, 1.5, torch.float64)
+    out = run_op(args, hp, 0.9)
+    ref = reference(args, hp, 0.9)
+    assert_matches(out, ref, args, 0.9, torch.float64)
+    assert abs(float(out[0]) - float(ref[0])) <= 1e-12 * abs(float(ref[0]))
+
+
+@interp
+def test_bf16_accumulates_in_fp32(ft):
+    """Same bf16 inputs, fp32 math: the losses must meet the fp32 bound, far inside the bf16 one
+    (a kernel computing in bf16 would be off by ~1e-3)."""
+    args = make_case(30, 40, 100, torch.bfloat16, seed=5)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.bfloat16)
+    out, ref = run_op(args, hp, 0.9), reference(args, hp, 0.9)
+    assert_close_loss(out[0], ref[0], torch.float32, "loss")
+    for k in range(3):
+        assert_close_loss(out[1][k], ref[1][k], torch.float32, f"terms[{k}]")
+
+
+@interp
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_large_logits_do_not_cancel(ft, temperature):
+    """Logits around 1e4: the cross-entropies are formed from per-element differences
+    (log s + (m - x[y]), log s' + sum_c q_c (m - a_c) / T), which are exact here, so fp32 keeps
+    the spec tolerance; the naive lse(x) - x[y] or lse(a/T) - sum_c q_c a_c / T loses ~1e-3.
+    The adjustments are zero: x = z + ds is rounded to fp32 by contract, and at 1e4 that rounding
+    alone (ulp 1e-3) would move the losses by more than the fp32 tolerance, in any fp32 kernel."""
+    b, n, c = 10, 12, 100
+    z_l, y, z_w, z_s, ds, du = make_case(b, n, c, torch.float32, seed=7)
+    args = (z_l + 1e4, y, z_w + 1e4, z_s + 1e4, torch.zeros_like(ds), torch.zeros_like(du))
+    hp = hparams(1.0, 1.0, 1.0, temperature, torch.float32)
+    assert_matches(run_op(args, hp, 0.9), reference(args, hp, 0.9), args, 0.9, torch.float32)
+
+
+@interp
+def test_results_are_deterministic(ft):
+    """Per-program partials reduced in a fixed order: two runs agree bit for bit."""
+    args = make_case(40, 50, 130, torch.float32, seed=11)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    a, b = run_op(args, hp, 0.9), run_op(args, hp, 0.9)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=FLOAT_IDS.get)
+def test_threshold_is_inclusive_in_acc_dtype(ft, dtype):
+    """M = [max pw >= (acc) tau]: equal logits over 4 classes give max pw = 0.25 exactly. tau = 0.25
+    is inclusive; tau = 0.25 + 1e-9 rounds to 0.25 in fp32 (confident) but not in fp64; tau =
+    0.25 + 1e-7 is above 0.25 in both."""
+    z = torch.zeros(2, 4, dtype=dtype)
+    z[1, 0] = -1.0                                   # max pw = e^0 / (e^-1 + 3) > 0.25
+    acc_zero = torch.zeros(4, dtype=dtype)
+    args = (z, torch.tensor([0, 1]), z, z, acc_zero, acc_zero)
+    hp = hparams(1.0, 1.0, 1.0, 1.0, dtype)
+    assert run_op(args, hp, 0.25)[2].tolist() == [1.0, 1.0]
+    expect = [1.0, 1.0] if dtype == torch.float32 else [0.0, 1.0]
+    assert run_op(args, hp, 0.25 + 1e-9)[2].tolist() == expect
+    assert run_op(args, hp, 0.25 + 1e-7)[2].tolist() == [0.0, 1.0]
+    from adello_kernels.reference import flexda_fwd_reference
+    for tau in (0.25, 0.25 + 1e-9, 0.25 + 1e-7):   # the reference in the same dtype agrees
+        assert torch.equal(run_op(args, hp, tau)[2], flexda_fwd_reference(*args, hp, tau)[2])
+
+
+@interp
+def test_non_finite_logits_do_not_crash(ft):
+    args = list(make_case(6, 8, 50, torch.float32, seed=2))
+    args[2] = args[2].clone()
+    args[2][3, 5] = float("nan")
+    args[0] = args[0].clone()
+    args[0][1, 2] = float("inf")
+    out = run_op(tuple(args), hparams(1.0, 1.0, 1.0, 2.0, torch.float32), 0.9)
+    assert not torch.isfinite(out[0])
+    assert out[3].min() >= 0 and out[3].max() < 50
+
+
+@interp
+def test_opcheck(ft):
+    args = make_case(5, 6, 20, torch.float32, seed=1)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    torch.library.opcheck(torch.ops.adello.flexda_fwd_triton, (*args, hp, 0.9),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+# ---- public API on the triton backend -------------------------------------------------------
+
+def _priors(c, seed):
+    g = torch.Generator().manual_seed(seed)
+    p_l = torch.rand(c, generator=g) + 0.05
+    q = torch.rand(c, generator=g) + 0.05
+    return p_l / p_l.sum(), q / q.sum()
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=FLOAT_IDS.get)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_flexda_loss_triton_backend(ft, dtype, temperature):
+    """ak.flexda_loss(..., backend="triton") against flexda_reference (autograd) in float64."""
+    import adello_kernels as ak
+    from adello_kernels.reference import flexda_reference
+    assert "triton" in ak.available_backends()
+    b, n, c = 24, 40, 100
+    z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=21)
+    p_l, q = _priors(c, 4)
+    kw = dict(threshold=0.9, lambda_u=1.2, lambda_d=0.8, distill=True, temperature=temperature)
+    zl_t, zs_t = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+    out = ak.flexda_loss(zl_t, y, z_w, zs_t, p_l, q, 0.6, backend="triton", **kw)
+    out.loss.backward()
+    zl_r, zs_r = z_l.double().requires_grad_(), z_s.double().requires_grad_()
+    ref = flexda_reference(zl_r, y, z_w.double(), zs_r, p_l.double(), q.double(), 0.6, **kw)
+    ref.loss.backward()
+    assert 0 < int(ref.mask.sum()) < n
+    for name in ("loss", "loss_sup", "loss_unsup", "loss_distill"):
+        assert_close_loss(getattr(out, name), getattr(ref, name), dtype, name)
+    assert torch.equal(out.mask, ref.mask.float())
+    assert torch.equal(out.pseudo_labels, ref.pseudo_labels)
+    assert (out.prior_batch.double() - ref.prior_batch).abs().max() <= 1e-6
+    assert zl_t.grad.dtype == dtype and zs_t.grad.dtype == dtype
+    assert_close_grad(zl_t.grad, zl_r.grad, dtype, "dloss/dlogits_lb")
+    assert_close_grad(zs_t.grad, zs_r.grad, dtype, "dloss/dlogits_ulb_s")
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=FLOAT_IDS.get)
+def test_adello_loss_triton_backend(ft, dtype):
+    """ADELLOLoss(backend="triton") step by step against ADELLOLoss(backend="reference") fed
+    float64 copies: losses, gradients and the prior estimate after each update. distill_start=2
+    turns the distillation on mid-run; "imbalance_aware" freezes T at that step."""
+    import adello_kernels as ak
+    b, n, c = 16, 32, 100
+    p_l, _ = _priors(c, 9)
+    kw = dict(distill_start=2, temperature="imbalance_aware", threshold=0.9, prior_momentum=0.9)
+    crit_t = ak.ADELLOLoss(p_l, 10, backend="triton", **kw)
+    crit_r = ak.ADELLOLoss(p_l, 10, backend="reference", **kw)
+    for step in range(4):
+        z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=100 + step)
+        zl_t, zs_t = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        out = crit_t(zl_t, y, z_w, zs_t)
+        out.loss.backward()
+        zl_r, zs_r = z_l.double().requires_grad_(), z_s.double().requires_grad_()
+        ref = crit_r(zl_r, y, z_w.double(), zs_r)
+        ref.loss.backward()
+        for name in ("loss", "loss_sup", "loss_unsup", "loss_distill"):
+            assert_close_loss(getattr(out, name), getattr(ref, name), dtype, f"{name}@{step}")
+        assert torch.equal(out.mask, ref.mask.float())
+        assert torch.equal(out.pseudo_labels, ref.pseudo_labels)
+        assert_close_grad(zl_t.grad, zl_r.grad, dtype, f"grad_lb@{step}")
+        assert_close_grad(zs_t.grad, zs_r.grad, dtype, f"grad_ulb_s@{step}")
+        assert (crit_t.prior_ulb - crit_r.prior_ulb).abs().max() <= 1e-6, f"prior@{step}"
+        assert torch.equal(crit_t.step, crit_r.step)
+        assert abs(float(crit_t.temperature) - float(crit_r.temperature)) <= 1e-6
+    assert float(crit_t.temperature) > 1.0 and bool(crit_t.temperature_frozen)
+
+
+@interp
+def test_torch_compile_fullgraph(ft):
+    """The op is opaque to torch.compile (register_fake): a fullgraph capture of flexda_loss on
+    the triton backend traces without graph breaks and gives the eager result."""
+    import adello_kernels as ak
+    z_l, y, z_w, z_s, _, _ = make_case(8, 12, 30, torch.float32, seed=13)
+    p_l, q = _priors(30, 1)
+
+    def step(z_l, z_w, z_s, distill):
+        return ak.flexda_loss(z_l, y, z_w, z_s, p_l, q, 0.5, distill=distill, temperature=2.0,
+                              backend="triton", validate=False).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    gate = torch.tensor(True)
+    assert torch.equal(compiled(z_l, z_w, z_s, gate), step(z_l, z_w, z_s, gate))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tests (normal process, real Triton kernels on CUDA)
+# ---------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [
+    (512, 1024, 8192, torch.bfloat16),     # large-c, fused 4096 < C: column loop
+    (512, 1024, 8192, torch.float32),
+    (64, 128, 32768, torch.float32),       # column loop, 16 blocks
+    (4096, 8192, 1000, torch.bfloat16),    # 16-byte rows, 1024 block
+    (4096, 8192, 1000, torch.float32),
+    (1024, 2048, 127, torch.bfloat16),     # unaligned rows
+    (777, 1001, 100, torch.float16),
+    (256, 512, 4096, torch.float32),       # largest fused block
+    (100, 200, 3000, torch.float64),
+]
+
+
+@pytest.mark.parametrize("case", GPU_SHAPES,
+                         ids=lambda s: f"B{s[0]}-N{s[1]}-C{s[2]}-{FLOAT_IDS[s[3]]}")
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.gpu
+def test_gpu_matches_reference(case, temperature):
+    if INTERPRETED or not torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("needs CUDA and compiled (not interpreted) Triton kernels")
+    import adello_kernels  # noqa: F401
+    from adello_kernels.ops import flexda_triton  # noqa: F401
+    b, n, c, dtype = case
+    args = make_case(b, n, c, dtype, seed=c, device="cuda")
+    hp = hparams(1.0, 1.0, 1.0, temperature, dtype, device="cuda")
+    tau = 0.9
+    out = run_op(args, hp, tau)
+    ref = reference(args, hp, tau)
+    amb = ambiguous_rows(args[2], tau)
+    keep = ~amb
+    assert torch.equal(out[2][keep].cpu(), ref[2].float()[keep].to(out[2].dtype).cpu())
+    assert torch.equal(out[3][keep].cpu(), ref[3][keep].cpu())
+    if not amb.any():
+        assert_close_loss(out[0], ref[0], dtype, "loss")
+        for k in range(3):
+            assert_close_loss(out[1][k], ref[1][k], dtype, f"terms[{k}]")
+        assert_close_grad(out[5], ref[5], dtype, "grad_lb")
+        assert_close_grad(out[6], ref[6], dtype, "grad_ulb_s")
+    assert (out[4].double() - ref[4]).abs().max().item() <= 1e-6
+
+
+def _gpu_step_inputs(b=256, n=512, c=127, dtype=torch.bfloat16, seed=0):
+    z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=seed, device="cuda")
+    return z_l, y, z_w, z_s
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_of_a_step():
+    """A full ADELLOLoss step (forward, backward, prior update) on the triton backend captures
+    into a CUDA graph, and replays match eager steps from the same state."""
+    if INTERPRETED or not torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("needs CUDA and compiled (not interpreted) Triton kernels")
+    import adello_kernels as ak
+    c = 127
+    p_l = torch.softmax(torch.randn(c, device="cuda"), 0)
+    kw = dict(distill_start=3, backend="triton", validate=False, temperature=2.0)
+    crit_g = ak.ADELLOLoss(p_l, 100, **kw)
+    crit_e = ak.ADELLOLoss(p_l, 100, **kw)
+    z_l, y, z_w, z_s = _gpu_step_inputs(c=c)
+    s_l = z_l.clone().requires_grad_()
+    s_s = z_s.clone().requires_grad_()
+    s_y, s_w = y.clone(), z_w.clone()
+
+    def step():
+        out = crit_g(s_l, s_y, s_w, s_s)
+        out.loss.backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):           # warm up: compiles the kernels, fills the caches
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    crit_g.load_state_dict(crit_e.state_dict())          # back to the initial state
+    s_l.grad = s_s.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    crit_g.load_state_dict(crit_e.state_dict())
+
+    for k in range(5):                      # crosses distill_start: the gate is device data
+        z_l, y, z_w, z_s = _gpu_step_inputs(c=c, seed=k + 1)
+        s_l.data.copy_(z_l)
+        s_s.data.copy_(z_s)
+        s_y.copy_(y)
+        s_w.copy_(z_w)
+        graph.replay()
+        e_l, e_s = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        ref = crit_e(e_l, y, z_w, e_s)
+        ref.loss.backward()
+        torch.testing.assert_close(static_out.loss, ref.loss)
+        torch.testing.assert_close(static_out.loss_distill, ref.loss_distill)
+        torch.testing.assert_close(s_l.grad, e_l.grad)
+        torch.testing.assert_close(s_s.grad, e_s.grad)
+        torch.testing.assert_close(crit_g.prior_ulb, crit_e.prior_ulb)
+        assert torch.equal(crit_g.step, crit_e.step)
+
+
+@pytest.mark.gpu
+def test_gpu_step_has_no_host_sync():
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call: a training step
+    (ADELLOLoss(validate=False), forward + backward + prior update) must not make one."""
+    if INTERPRETED or not torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("needs CUDA and compiled (not interpreted) Triton kernels")
+    import adello_kernels as ak
+    c = 127
+    p_l = torch.softmax(torch.randn(c, device="cuda"), 0)
+    crit = ak.ADELLOLoss(p_l, 100, backend="triton", validate=False, temperature="imbalance_aware")
+    z_l, y, z_w, z_s = _gpu_step_inputs(c=c)
+    z_l.requires_grad_()
+    z_s.requires_grad_()
+    crit(z_l, y, z_w, z_s).loss.backward()   # warm-up: Triton compiles, caches fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = crit(z_l, y, z_w, z_s)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    if INTERPRETED or not torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("needs CUDA and compiled (not interpreted) Triton kernels")
+    import adello_kernels as ak
+    c = 127
+    z_l, y, z_w, z_s = _gpu_step_inputs(c=c, dtype=torch.float32)
+    p_l = torch.softmax(torch.randn(c, device="cuda"), 0)
+    q = torch.full((c,), 1.0 / c, device="cuda")
+
+    def step(z_l, z_w, z_s):
+        return ak.flexda_loss(z_l, y, z_w, z_s, p_l, q, 0.5, backend="triton",
+                              validate=False).loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(z_l, z_w, z_s), step(z_l, z_w, z_s))
