@@ -1,0 +1,186 @@
+"""Command line of `python -m adello_kernels.train` (see `--help`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import yaml
+
+from . import config as config_mod
+
+# flag -> config key; flags left unset (None) keep the preset's value.
+FLAGS = {
+    "algorithm": "algorithm", "gamma_l": "gamma_l", "gamma_u": "gamma_u", "n1": "n1",
+    "m1": "m1", "steps": "steps", "batch_size": "batch_size", "mu": "mu", "seed": "seed",
+    "split_seed": "split_seed", "device": "device", "amp": "amp", "compile": "compile",
+    "backend": "backend", "data_root": "data_root", "download": "download",
+    "eval_every": "eval_every", "log_every": "log_every", "eval_batch_size": "eval_batch_size",
+    "deterministic": "deterministic", "sync_bn": "sync_bn", "lr": "lr", "ema": "ema",
+    "threshold": "threshold", "distill_start": "distill_start", "temperature": "temperature",
+    "prior_momentum": "prior_momentum", "time_limit": "time_limit", "model": "model",
+    "model_width": "model_width", "progress": "progress",
+}
+
+EPILOG = """examples:
+  python -m adello_kernels.train                                  # ADELLO, Fashion-MNIST-LT, CPU
+  python -m adello_kernels.train --algorithm fixmatch --seed 1
+  python -m adello_kernels.train --preset cifar10-lt --gamma-u 1 --data-root data
+  torchrun --nproc_per_node 4 -m adello_kernels.train --preset cifar100-lt
+  python -m adello_kernels.train --resume runs/fmnist-lt-adello-20250101-120000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m adello_kernels.train",
+        description="Train ADELLO (or an ablation) on a long-tailed semi-supervised split. "
+                    "Flags override the preset.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None,
+                    help=f"one of {config_mod.preset_names()} (default fmnist-lt)")
+    ap.add_argument("--algorithm", choices=config_mod.ALGORITHMS,
+                    help="adello = FlexDA + CCR; fixmatch; flexda (FixMatch + FlexDA); ccr "
+                         "(FixMatch + distillation); supervised (labeled data only)")
+    g = ap.add_argument_group("split")
+    g.add_argument("--n1", type=int, help="labeled images of the most frequent class")
+    g.add_argument("--gamma-l", type=float, help="labeled imbalance ratio (negative: reversed)")
+    g.add_argument("--m1", type=int, help="extra unlabeled images of the most frequent class")
+    g.add_argument("--gamma-u", type=float, help="unlabeled imbalance ratio: = gamma-l "
+                   "(consistent), 1 (balanced), -gamma-l (reversed)")
+    g.add_argument("--split-seed", type=int, help="seed of the split (default: --seed)")
+    g.add_argument("--data-root", help="dataset directory")
+    g.add_argument("--download", action="store_true", default=None,
+                   help="download CIFAR / STL-10 / Fashion-MNIST if missing (MD5-checked)")
+    g = ap.add_argument_group("training")
+    g.add_argument("--steps", type=int, help="training steps (T_max of the alpha schedule)")
+    g.add_argument("--batch-size", type=int, help="global labeled batch B")
+    g.add_argument("--mu", type=int, help="unlabeled batch = mu * B")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--ema", type=float, help="EMA decay of the evaluated model")
+    g.add_argument("--threshold", type=float, help="confidence threshold tau")
+    g.add_argument("--prior-momentum", type=float, help="momentum of the prior estimate")
+    g.add_argument("--distill-start", type=int, help="step t0 from which L_d counts")
+    g.add_argument("--temperature", help="distillation temperature, or imbalance_aware")
+    g.add_argument("--model", help="cnn, wrn28_2 or resnet50")
+    g.add_argument("--model-width", type=int, help="CNN width (0: default)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any configuration key (repeatable)")
+    g = ap.add_argument_group("runtime")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast of the model")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--backend", help="ADELLOLoss backend: auto, reference, cpu, cuda, triton")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="BatchNorm statistics over the global batch under DDP")
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms (exact resume)")
+    g.add_argument("--eval-every", type=int, help="steps between evaluations + checkpoints")
+    g.add_argument("--log-every", type=int, help="steps between log records")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--time-limit", type=float,
+                   help="seconds of training after which the run evaluates and stops (0: none)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+    g.add_argument("--out", help="run directory (default runs/<preset>-<algorithm>-<time>)")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint")
+    return ap
+
+
+def _overrides(args) -> dict:
+    out = {key: getattr(args, flag) for flag, key in FLAGS.items()
+           if getattr(args, flag) is not None}
+    for item in args.set:
+        if "=" not in item:
+            raise config_mod.ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in config_mod.DEFAULTS:
+            raise config_mod.ConfigError(f"--set: unknown key {key!r}")
+        out[key] = config_mod.parse_value(value)
+    return out
+
+
+def resolve(args) -> tuple[dict, str, bool]:
+    """(config, run directory, resume?) from the parsed flags."""
+    over = _overrides(args)
+    if args.resume:
+        run_dir = args.resume
+        path = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(path):
+            raise config_mod.ConfigError(f"--resume: {path} not found (not a run directory)")
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+        if not isinstance(cfg, dict) or "preset" not in cfg:
+            raise config_mod.ConfigError(f"--resume: {path} is not a run configuration")
+        if args.preset and args.preset != cfg["preset"]:
+            raise config_mod.ConfigError(f"--resume: the run used preset {cfg['preset']!r}, "
+                                         f"not {args.preset!r}")
+        cfg = config_mod.validate({**config_mod.DEFAULTS, **cfg})
+        for key, value in over.items():
+            if key in config_mod.RUNTIME_KEYS:
+                cfg[key] = value
+                continue
+            new = config_mod.validate({**cfg, key: value})[key]
+            if new != cfg[key]:
+                raise config_mod.ConfigError(
+                    f"--resume: {key} = {value!r} differs from the run's {cfg[key]!r}; a resumed "
+                    "run continues with its saved configuration")
+        return config_mod.validate(cfg), run_dir, True
+    cfg = config_mod.load_preset(args.preset or "fmnist-lt")
+    cfg.update(over)
+    cfg = config_mod.validate(cfg)
+    if args.out:
+        run_dir = args.out
+        # Under torchrun only rank 0 writes the run directory; the others must not find it.
+        if int(os.environ.get("RANK", "0")) == 0 and \
+                os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise config_mod.ConfigError(f"--out: {run_dir} already holds a run; use --resume "
+                                         f"{run_dir} to continue it or choose another --out")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = os.path.join("runs", f"{cfg['preset']}-{cfg['algorithm']}-{stamp}")
+        i = 1
+        while os.path.exists(run_dir):
+            run_dir = os.path.join("runs", f"{cfg['preset']}-{cfg['algorithm']}-{stamp}-{i}")
+            i += 1
+    return cfg, run_dir, False
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import checkpoint, data as data_mod
+    try:
+        cfg, run_dir, resume = resolve(args)
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .trainer import Trainer, final_table
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume)  # data, model, backend: errors come here
+        if trainer.dist.main and not resume:
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(cfg, f, sort_keys=False)
+        if trainer.dist.main:
+            s = trainer.split
+            print(f"{cfg['algorithm']} on {cfg['preset']}: {len(s.lb_idx)} labeled / "
+                  f"{len(s.ulb_idx)} unlabeled images, {trainer.num_classes} classes, model "
+                  f"{cfg['model']}, {cfg['steps']} steps, device {trainer.device} x "
+                  f"{trainer.dist.world}, loss backend {trainer.backend}"
+                  + (f", resuming at step {trainer.step}" if resume else ""), flush=True)
+            print(f"run directory: {run_dir}", flush=True)
+        summary = trainer.run()
+        if summary is not None:
+            print(final_table(summary, run_dir), flush=True)
+    except (ValueError, data_mod.DataError, checkpoint.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.dist.close()
+    return 0
