@@ -1,0 +1,32 @@
+// Fused CPU kernel of adello::flexda_fwd: one ADELLO step (FlexDA + consistency distillation).
+//
+// The C++ entry point, callable without Python (the C++ smoke test does). The op schema is defined
+// in adello_kernels/ops/flexda.py; csrc/cpu/flexda_cpu.cpp registers this function as its CPU
+// kernel. Arguments and results are those of the schema (SPEC.md sections 1-3):
+//
+//   logits_lb [B, C], labels_lb [B] int64, logits_ulb_w [N, C], logits_ulb_s [N, C]
+//     (fp32, bf16, fp16 or fp64, all three logits the same dtype; any strides)
+//   adj_lb [C], adj_ulb [C], hparams [4] = (lambda_u, lambda_d, distill_gate, T) in acc dtype
+//     (fp64 for fp64 logits, fp32 otherwise); threshold tau in (0, 1]
+//   -> loss 0-d, terms [3] = (L_s, L_u, gate ? L_d : 0), mask [N], pseudo_labels [N] int64,
+//      prior_batch [C] (acc dtype), grad_lb [B, C], grad_ulb_s [N, C] (logits dtype)
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace adello {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
+               const at::Tensor& logits_ulb_w, const at::Tensor& logits_ulb_s,
+               const at::Tensor& adj_lb, const at::Tensor& adj_ulb, const at::Tensor& hparams,
+               double threshold);
+
+// The instruction set the kernel runs with in this process: "avx512", "avx2" or "generic".
+// Follows torch's CPU capability (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 or
+// =default selects the narrower code), limited to what this build compiled.
+const char* flexda_cpu_isa();
+
+}  // namespace adello
