@@ -21,15 +21,23 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 @functools.lru_cache(maxsize=None)
 def _load_extension() -> bool:
+    ok = _import_extension()
+    if not ok:  # the PyTorch versions of the small state ops take the CPU key instead
+        from .ops.state import register_cpu_fallbacks
+        register_cpu_fallbacks()
+    return ok
+
+
+def _import_extension() -> bool:
     if importlib.util.find_spec(__package__ + "._C") is None:  # not built (e.g. no compiler)
         warnings.warn("adello_kernels._C is not built: the cpu and cuda backends are unavailable, "
-                      "the reference backend works", stacklevel=3)
+                      "the reference backend works", stacklevel=4)
         return False
     try:
         from . import _C  # noqa: F401  registers the C++/CUDA kernels of adello::flexda_fwd
     except ImportError as exc:  # built against another torch, or a missing CUDA runtime
         warnings.warn(f"adello_kernels._C failed to load ({exc}): the cpu and cuda backends are "
-                      "unavailable, the reference backend works", stacklevel=3)
+                      "unavailable, the reference backend works", stacklevel=4)
         return False
     return True
 
@@ -53,6 +61,7 @@ def triton_interpreted() -> bool:
     return flexda_triton.INTERPRETED
 
 
+@functools.lru_cache(maxsize=None)  # what is built and importable does not change in a process
 def _backend_devices(name: str) -> tuple[str, ...]:
     """Device types on which `name` runs in this process (empty: unavailable)."""
     if name == "reference":
@@ -99,5 +108,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def fused_op(backend: str):
-    """The torch.library op implementing a fused backend."""
-    return torch.ops.adello.flexda_fwd_triton if backend == "triton" else torch.ops.adello.flexda_fwd
+    """The torch.library op (overload) implementing a fused backend."""
+    ops = torch.ops.adello
+    return ops.flexda_fwd_triton.default if backend == "triton" else ops.flexda_fwd.default

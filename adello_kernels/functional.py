@@ -6,6 +6,7 @@ import math
 import torch
 
 from . import backends
+from .ops.flexda import FusedStep
 from .reference import (FlexDAOutput, Scalar, accumulate_dtype, flexda_reference,
                         logit_adjustments)
 
@@ -201,8 +202,9 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
 def fused_step(backend: str, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb,
                hparams, threshold: float) -> FlexDAOutput:
     """Call a fused backend's op (no validation) and package its outputs."""
-    loss, terms, mask, pseudo_labels, prior_batch, _, _ = backends.fused_op(backend)(
-        logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams, threshold)
+    loss, terms, mask, pseudo_labels, prior_batch, _, _ = FusedStep.apply(
+        backends.fused_op(backend), logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb,
+        adj_ulb, hparams, threshold)
     loss_sup, loss_unsup, loss_distill = terms.unbind()
     return FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                         prior_batch)

@@ -136,7 +136,7 @@ class ADELLOLoss(nn.Module):
         backend = backends.resolve_backend(self.backend, logits_lb.device)
         # The state this step reads (Q_{t-1}, t, T); it is updated in place at the end.
         state = (self.prior_ulb, self.step, self.temperature, self.temperature_frozen)
-        if backend == "reference":  # see ops/snapshot.py
+        if backend == "reference" and torch.compiler.is_compiling():  # see ops/snapshot.py
             state = tuple(snapshot(x) for x in state)
         q_prev, step, temperature, frozen = state
 

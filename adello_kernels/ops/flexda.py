@@ -59,23 +59,58 @@ def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hpa
 def _setup_context(ctx, inputs, output):
     _loss, terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s = output
     ctx.mark_non_differentiable(terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s)
+    ctx.set_materialize_grads(False)  # no zero [N, C] tensors for the outputs nobody differentiates
     ctx.save_for_backward(grad_lb, grad_ulb_s)
 
 
-def _backward(ctx, grad_loss, *_unused):
-    # dL/dz = (saved gradient of loss) * incoming grad; z_w and the vectors get no gradient.
+def _scale(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    # dL/dz = saved gradient of the loss * incoming grad. The usual incoming grad is exactly 1
+    # (loss.backward()): on a CPU, outside a compiled graph, reading it costs nothing and saves a
+    # full read + write of the gradient. A detached alias, not the saved tensor itself, so that
+    # autograd hands it on without a copy; a later in-place change to it is caught by the
+    # version counter if this graph is differentiated again.
+    if (saved.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool(grad_loss == 1)):
+        return saved.detach()
+    return saved * grad_loss.to(saved.dtype)
+
+
+def _input_grads(ctx, grad_loss, need_lb: bool, need_s: bool):
+    # z_w and the [C]/[4] vectors get no gradient (stop-gradient / no dependence).
+    if grad_loss is None:
+        return (None,) * 8
     grad_lb, grad_ulb_s = ctx.saved_tensors
-    g_lb = g_s = None
-    if ctx.needs_input_grad[0]:
-        g_lb = grad_lb * grad_loss.to(grad_lb.dtype)
-    if ctx.needs_input_grad[3]:
-        g_s = grad_ulb_s * grad_loss.to(grad_ulb_s.dtype)
+    g_lb = _scale(grad_lb, grad_loss) if need_lb else None
+    g_s = _scale(grad_ulb_s, grad_loss) if need_s else None
     return g_lb, None, None, g_s, None, None, None, None
+
+
+def _backward(ctx, grad_loss, *_unused):
+    return _input_grads(ctx, grad_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
 
 
 for _name in OP_NAMES:
     torch.library.register_fake("adello::" + _name)(_fake)
     torch.library.register_autograd("adello::" + _name, _backward, setup_context=_setup_context)
+
+
+class FusedStep(torch.autograd.Function):
+    """The same autograd as registered above, as a plain autograd.Function: the fast path that
+    `flexda_loss` and `ADELLOLoss` call (register_autograd's generic wrapper costs ~80 us per
+    forward and more per backward, as much as the whole kernel at CIFAR shapes). Under
+    torch.compile it is traced like any autograd.Function around the op."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        out = op(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        # needs_input_grad[0] is `op`; the op's arguments follow.
+        return (None,) + _input_grads(ctx, grad_loss, ctx.needs_input_grad[1],
+                                      ctx.needs_input_grad[4])
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:

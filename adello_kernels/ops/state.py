@@ -37,31 +37,17 @@ def _prepare_torch(prior_lb, prior_ulb, step, temperature, total_steps, alpha_mi
     return ds, du, hparams
 
 
-@torch.library.custom_op("adello::adello_prepare", mutates_args=())
-def adello_prepare(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, step: torch.Tensor,
-                   temperature: torch.Tensor, total_steps: int, alpha_min: float, power: float,
-                   distill_start: int, lambda_u: float, lambda_d: float, eps: float,
-                   flexda: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                              torch.Tensor]:
-    """Returns (adj_lb [C], adj_ulb [C], hparams [4]) in `dtype` for the step held in `step`."""
-    return _prepare_torch(prior_lb, prior_ulb, step, temperature, total_steps, alpha_min, power,
-                          distill_start, lambda_u, lambda_d, eps, flexda, dtype)
-
-
-@adello_prepare.register_fake
-def _(prior_lb, prior_ulb, step, temperature, total_steps, alpha_min, power, distill_start,
-      lambda_u, lambda_d, eps, flexda, dtype):
-    c = prior_ulb.shape[0]
-    new = prior_ulb.new_empty
-    return new((c,), dtype=dtype), new((c,), dtype=dtype), new((4,), dtype=dtype)
-
-
-@torch.library.custom_op("adello::adello_update_",
-                         mutates_args=("prior_ulb", "step", "skipped_updates"))
-def adello_update_(prior_ulb: torch.Tensor, step: torch.Tensor, skipped_updates: torch.Tensor,
-                   prior_batch: torch.Tensor, momentum: float) -> None:
-    """The prior's momentum update with the non-finite guard, then step += 1 (all in place)."""
-    update_prior_(prior_ulb, step, skipped_updates, prior_batch, momentum)
+# Defined with the low-level Library API rather than torch.library.custom_op: the latter adds
+# Python kernels at the Autograd / ADInplaceOrView keys (~25 us a call), as much as the work.
+_lib = torch.library.Library("adello", "FRAGMENT")  # noqa: kept alive for the process
+_lib.define("adello_prepare(Tensor prior_lb, Tensor prior_ulb, Tensor step, Tensor temperature, "
+            "int total_steps, float alpha_min, float power, int distill_start, float lambda_u, "
+            "float lambda_d, float eps, bool flexda, ScalarType dtype) -> "
+            "(Tensor adj_lb, Tensor adj_ulb, Tensor hparams)")
+_lib.define("adello_update_(Tensor(a!) prior_ulb, Tensor(b!) step, Tensor(c!) skipped_updates, "
+            "Tensor prior_batch, float momentum) -> ()")
+adello_prepare = torch.ops.adello.adello_prepare.default
+adello_update_ = torch.ops.adello.adello_update_.default
 
 
 def update_prior_(prior_ulb, step, skipped_updates, prior_batch, momentum):
@@ -73,11 +59,26 @@ def update_prior_(prior_ulb, step, skipped_updates, prior_batch, momentum):
     step.add_(1)
 
 
-@adello_update_.register_fake
+@torch.library.register_fake("adello::adello_prepare")
+def _(prior_lb, prior_ulb, step, temperature, total_steps, alpha_min, power, distill_start,
+      lambda_u, lambda_d, eps, flexda, dtype):
+    c = prior_ulb.shape[0]
+    new = prior_ulb.new_empty
+    return new((c,), dtype=dtype), new((c,), dtype=dtype), new((4,), dtype=dtype)
+
+
+@torch.library.register_fake("adello::adello_update_")
 def _(prior_ulb, step, skipped_updates, prior_batch, momentum):
     return None
 
 
-# An explicit CUDA-key kernel for each op (custom_op's default registration is the composite key).
-adello_prepare.register_kernel("cuda")(_prepare_torch)
-adello_update_.register_kernel("cuda")(update_prior_)
+# The PyTorch kernels: CUDA always (an explicit CUDA-key kernel); CPU only when the C++ ones are
+# not built (backends._load_extension registers them then).
+_lib.impl("adello_prepare", _prepare_torch, "CUDA")
+_lib.impl("adello_update_", update_prior_, "CUDA")
+
+
+def register_cpu_fallbacks() -> None:
+    """Register the PyTorch kernels for CPU (call when adello_kernels._C is unavailable)."""
+    _lib.impl("adello_prepare", _prepare_torch, "CPU")
+    _lib.impl("adello_update_", update_prior_, "CPU")
