@@ -133,9 +133,9 @@ def main(argv=None) -> int:
             vc = f"{row['vs_compile']:.2f}x" if row["vs_compile"] else "-"
             print(f"{shape.name:<18} {p:<10} {t * 1e3:>10.3f} {ve:>9} {vc:>11} {gbs:>8.1f} "
                   f"{row['pct_copy']:>6.1f}%", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        if args.json:  # after every shape, so a run cut short by a time limit keeps its rows
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
     return 0
 
 
