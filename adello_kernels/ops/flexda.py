@@ -69,8 +69,10 @@ def _scale(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     # full read + write of the gradient. A detached alias, not the saved tensor itself, so that
     # autograd hands it on without a copy; a later in-place change to it is caught by the
     # version counter if this graph is differentiated again.
-    if (saved.device.type == "cpu" and not torch.compiler.is_compiling()
-            and bool(grad_loss == 1)):
+    # Only for a plain eager tensor: under tracing (fake / functional tensor subclasses) the
+    # value is unknown, and the multiply is what gets traced.
+    if (type(grad_loss) is torch.Tensor and saved.device.type == "cpu"
+            and not torch.compiler.is_compiling() and bool(grad_loss == 1)):
         return saved.detach()
     return saved * grad_loss.to(saved.dtype)
 
