@@ -87,3 +87,19 @@ def assert_outputs_close(got, want, z_w, dtype, threshold=0.95, what=""):
         bound = grad_tol * (max(1.0, scale) if dtype in (torch.float32, torch.float64) else scale)
         err = float((a.double() - b.double()).abs().max())
         assert err <= bound + 1e-12, f"{what}: {name} max err {err} > {bound}"
+
+
+def step_without_host_sync(crit, z_l, y, z_w, z_s):
+    """One ADELLOLoss step + backward on CUDA under torch.cuda.set_sync_debug_mode("error"),
+    after a warm-up step (lazy initialisation and compilation may synchronise). Returns its
+    output; any host sync inside raises."""
+    crit(z_l, y, z_w, z_s).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = crit(z_l, y, z_w, z_s)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return out
