@@ -11,7 +11,7 @@ from torch import nn
 from . import backends
 from .functional import check_logits, check_prior, flexda_loss, fused_step
 from .ops.snapshot import snapshot
-from .ops.state import adello_prepare, adello_update_, update_prior_
+from .ops.state import adello_prepare, adello_update_, momentum_update, update_prior_
 from .reference import FlexDAOutput, accumulate_dtype, alpha_schedule
 
 
@@ -145,9 +145,7 @@ class ADELLOLoss(nn.Module):
             # so the batch prior is computed up front (one extra softmax over z_w, this mode only).
             batch_prior = self._global_mean(
                 torch.softmax(logits_ulb_w.detach().float(), dim=-1).mean(0), n)
-            q_new = q_prev.clone()
-            update_prior_(q_new, torch.zeros_like(step), torch.zeros_like(step), batch_prior,
-                          self.prior_momentum)
+            q_new, _ = momentum_update(q_prev, batch_prior, self.prior_momentum)
             c = self.num_classes
             kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
             freeze_now = (step >= self.distill_start) & ~frozen

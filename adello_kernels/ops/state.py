@@ -50,11 +50,17 @@ adello_prepare = torch.ops.adello.adello_prepare.default
 adello_update_ = torch.ops.adello.adello_update_.default
 
 
-def update_prior_(prior_ulb, step, skipped_updates, prior_batch, momentum):
-    """`adello_update_` in plain PyTorch (the reference path and non-CPU devices)."""
+def momentum_update(prior_ulb, prior_batch, momentum):
+    """(Q_t, ok): m Q + (1 - m) prior_batch, or Q itself when prior_batch is not finite."""
     ok = torch.isfinite(prior_batch).all()
     new = momentum * prior_ulb + (1.0 - momentum) * prior_batch.to(prior_ulb.dtype)
-    prior_ulb.copy_(torch.where(ok, new, prior_ulb))
+    return torch.where(ok, new, prior_ulb), ok
+
+
+def update_prior_(prior_ulb, step, skipped_updates, prior_batch, momentum):
+    """`adello_update_` in plain PyTorch (the reference path and non-CPU devices)."""
+    new, ok = momentum_update(prior_ulb, prior_batch, momentum)
+    prior_ulb.copy_(new)
     skipped_updates.add_((~ok).to(skipped_updates.dtype))
     step.add_(1)
 
