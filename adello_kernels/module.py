@@ -12,6 +12,7 @@ from . import backends
 from .functional import check_logits, check_prior, flexda_loss, fused_step
 from .ops.snapshot import snapshot
 from .ops.state import adello_prepare, adello_update_, momentum_update, update_prior_
+from .ops.step import flexda_step
 from .reference import FlexDAOutput, accumulate_dtype, alpha_schedule
 
 
@@ -124,21 +125,26 @@ class ADELLOLoss(nn.Module):
     def forward(self, logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                 logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor) -> FlexDAOutput:
         # All checks come before any state changes, so a rejected call leaves the module as it was.
-        validate = self.validate and not torch.compiler.is_compiling()
-        check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, validate)
-        if logits_lb.shape[1] != self.num_classes:
+        compiling = torch.compiler.is_compiling()
+        check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s,
+                     self.validate and not compiling)
+        # The state this step reads (Q_{t-1}, t, T); it is updated in place at the end. (Buffers are
+        # read once: each nn.Module attribute lookup of a buffer costs ~1 us on a small CPU.)
+        buffers = self._buffers
+        prior_ulb, step_buf, temperature_buf = (buffers["prior_ulb"], buffers["step"],
+                                                buffers["temperature"])
+        if logits_lb.shape[1] != prior_ulb.shape[0]:
             raise ValueError(f"logits_lb: has {logits_lb.shape[1]} classes but prior_lb has "
-                             f"{self.num_classes}")
-        if logits_lb.device != self.prior_ulb.device:
+                             f"{prior_ulb.shape[0]}")
+        if logits_lb.device != prior_ulb.device:
             raise ValueError(f"logits_lb: on {logits_lb.device} but the ADELLOLoss state is on "
-                             f"{self.prior_ulb.device} (move the module with .to(device))")
+                             f"{prior_ulb.device} (move the module with .to(device))")
         n = logits_ulb_w.shape[0]
         backend = backends.resolve_backend(self.backend, logits_lb.device)
-        # The state this step reads (Q_{t-1}, t, T); it is updated in place at the end.
-        state = (self.prior_ulb, self.step, self.temperature, self.temperature_frozen)
-        if backend == "reference" and torch.compiler.is_compiling():  # see ops/snapshot.py
-            state = tuple(snapshot(x) for x in state)
-        q_prev, step, temperature, frozen = state
+        q_prev, step, temperature = prior_ulb, step_buf, temperature_buf
+        snap = backend == "reference" and compiling  # see ops/snapshot.py
+        if snap:
+            q_prev, step, temperature = (snapshot(x) for x in (q_prev, step, temperature))
 
         if self.imbalance_aware:
             # T = exp(KL(U || Q_t)) needs this step's updated prior before the distillation loss,
@@ -148,20 +154,31 @@ class ADELLOLoss(nn.Module):
             q_new, _ = momentum_update(q_prev, batch_prior, self.prior_momentum)
             c = self.num_classes
             kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
+            frozen = buffers["temperature_frozen"]
+            if snap:
+                frozen = snapshot(frozen)
             freeze_now = (step >= self.distill_start) & ~frozen
             temperature = torch.where(freeze_now, torch.exp(kl).to(temperature.dtype), temperature)
 
         if backend == "reference":  # plain PyTorch end to end: what users run without kernels
             if self.flexda:
-                prior_lb, prior_ulb = self.prior_lb, q_prev
+                p_l, q = self.prior_lb, q_prev
                 alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
             else:
-                prior_lb, prior_ulb, alpha = self._uniform, self._uniform, 1.0
-            out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
-                              prior_ulb, alpha, threshold=self.threshold, lambda_u=self.lambda_u,
+                p_l, q, alpha = self._uniform, self._uniform, 1.0
+            out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, p_l, q, alpha,
+                              threshold=self.threshold, lambda_u=self.lambda_u,
                               lambda_d=self.lambda_d, distill=step >= self.distill_start,
                               temperature=temperature, backend=backend, validate=False)
-        else:  # fused: prologue op, the row kernel, epilogue op
+        elif backend == "cpu":  # prologue + fused kernel in one C++ op, its autograd in C++
+            loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels, prior_batch, _, _ = \
+                flexda_step(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, self.prior_lb,
+                            q_prev, step, temperature, self.total_steps, self.alpha_min,
+                            self.power, self.distill_start, self.lambda_u, self.lambda_d, 1e-9,
+                            self.flexda, self.threshold)
+            out = FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
+                               prior_batch)
+        else:  # cuda, triton: prologue op, the row kernel (Python autograd), epilogue op
             adj_lb, adj_ulb, hparams = adello_prepare(
                 self.prior_lb, q_prev, step, temperature, self.total_steps, self.alpha_min,
                 self.power, self.distill_start, self.lambda_u, self.lambda_d, 1e-9, self.flexda,
@@ -169,17 +186,15 @@ class ADELLOLoss(nn.Module):
             out = fused_step(backend, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb,
                              adj_ulb, hparams, self.threshold)
 
-        with torch.no_grad():
-            if self.imbalance_aware:
-                self.temperature.copy_(temperature)
-                self.temperature_frozen.logical_or_(freeze_now)
-            else:
-                batch_prior = self._global_mean(out.prior_batch.detach(), n)
-            # The C++ epilogue saves ~10 small ops per eager step; a compiled step fuses the
-            # PyTorch version itself (and inductor mishandles reads of state that a mutating
-            # custom op updates later in the same graph).
-            eager_fused = backend != "reference" and not torch.compiler.is_compiling()
-            update = adello_update_ if eager_fused else update_prior_
-            update(self.prior_ulb, self.step, self.skipped_updates, batch_prior,
-                   self.prior_momentum)
+        # The update reads only detached values: no autograd recording (and no no_grad context).
+        if self.imbalance_aware:
+            temperature_buf.copy_(temperature)
+            buffers["temperature_frozen"].logical_or_(freeze_now)
+        else:
+            batch_prior = self._global_mean(out.prior_batch.detach(), n)
+        # The C++ epilogue saves ~10 small ops per eager step; a compiled step fuses the PyTorch
+        # version itself (and inductor mishandles reads of state that a mutating custom op
+        # updates later in the same graph).
+        update = update_prior_ if backend == "reference" or compiling else adello_update_
+        update(prior_ulb, step_buf, buffers["skipped_updates"], batch_prior, self.prior_momentum)
         return out

@@ -36,9 +36,10 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
             temp = t_frozen if t_frozen is not None else 1.0
         else:
             temp = temperature
-        out = flexda_reference(z_l.double(), y, z_w.double(), z_s.double(), p_l, p_u, alpha,
-                               distill=gate, temperature=temp, **kw)
-        outs.append(out)
+        a, s = z_l.double().requires_grad_(), z_s.double().requires_grad_()
+        out = flexda_reference(a, y, z_w.double(), s, p_l, p_u, alpha, distill=gate,
+                               temperature=temp, **kw)
+        outs.append((out, torch.autograd.grad(out.loss, (a, s))))
         q = q_next
     return outs, q, t_frozen
 
@@ -64,12 +65,16 @@ def test_steps_match_manual_loop(kw, backend):
     data = batches(6, 7, 11, c, scale=6.0)
     crit = ak.ADELLOLoss(prior_lb, total, prior_momentum=momentum, backend=backend, **kw)
     want, q, t_frozen = manual_loop(prior_lb, data, total, momentum=momentum, **kw)
-    for step, (args, w) in enumerate(zip(data, want)):
-        got = crit(*args)
+    for step, (args, (w, w_grads)) in enumerate(zip(data, want)):
+        z_l, y, z_w, z_s = args
+        z_l, z_s = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        got = crit(z_l, y, z_w, z_s)
         for name in ("loss", "loss_sup", "loss_unsup", "loss_distill", "prior_batch"):
             torch.testing.assert_close(getattr(got, name).double(), getattr(w, name).double(),
                                        rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
         assert torch.equal(got.pseudo_labels, w.pseudo_labels)
+        for g, wg in zip(torch.autograd.grad(got.loss, (z_l, z_s)), w_grads):
+            torch.testing.assert_close(g.double(), wg, rtol=0, atol=1e-6, msg=f"step {step} grad")
     torch.testing.assert_close(crit.prior_ulb.double(), q, rtol=1e-6, atol=1e-7)
     assert int(crit.step) == 6
     if kw.get("temperature") == "imbalance_aware":

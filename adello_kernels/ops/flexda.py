@@ -65,14 +65,17 @@ def _setup_context(ctx, inputs, output):
 
 def _scale(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     # dL/dz = saved gradient of the loss * incoming grad. The usual incoming grad is exactly 1
-    # (loss.backward()): on a CPU, outside a compiled graph, reading it costs nothing and saves a
-    # full read + write of the gradient. A detached alias, not the saved tensor itself, so that
-    # autograd hands it on without a copy; a later in-place change to it is caught by the
-    # version counter if this graph is differentiated again.
+    # (loss.backward()): on a CPU, outside a compiled graph, reading it costs nothing, and when
+    # the graph is not retained the saved gradient is released after this backward, so it is
+    # handed on as it is (a detached alias that becomes its only owner), saving a full read and
+    # write of it. With retain_graph the product is a fresh tensor, so the caller can never
+    # change what a later backward reads.
     # Only for a plain eager tensor: under tracing (fake / functional tensor subclasses) the
     # value is unknown, and the multiply is what gets traced.
     if (type(grad_loss) is torch.Tensor and saved.device.type == "cpu"
-            and not torch.compiler.is_compiling() and bool(grad_loss == 1)):
+            and not torch.compiler.is_compiling()
+            and not torch._C._autograd._get_current_graph_task_keep_graph()
+            and bool(grad_loss == 1)):
         return saved.detach()
     return saved * grad_loss.to(saved.dtype)
 
@@ -98,8 +101,9 @@ for _name in OP_NAMES:
 
 class FusedStep(torch.autograd.Function):
     """The same autograd as registered above, as a plain autograd.Function: the fast path that
-    `flexda_loss` and `ADELLOLoss` call (register_autograd's generic wrapper costs ~80 us per
-    forward and more per backward, as much as the whole kernel at CIFAR shapes). Under
+    `flexda_loss` and the GPU backends of `ADELLOLoss` call (register_autograd's generic wrapper
+    costs ~80 us per forward and more per backward, as much as the whole kernel at CIFAR shapes;
+    `ADELLOLoss(backend="cpu")` goes further, to one op with a C++ autograd: ops/step.py). Under
     torch.compile it is traced like any autograd.Function around the op."""
 
     @staticmethod

@@ -19,6 +19,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "flexda_cpu.h"
+
 namespace adello {
 namespace {
 
@@ -73,10 +75,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
     } else {
       const double frac = std::min(std::max(static_cast<double>(t) / total_steps, 0.0), 1.0);
       const double alpha = 1.0 - (1.0 - alpha_min) * std::pow(frac, power);
+      std::vector<double> q_alpha(c);
       double z = 0.0;
-      for (int64_t i = 0; i < c; ++i) z += std::pow(q[i], alpha);
+      for (int64_t i = 0; i < c; ++i) z += (q_alpha[i] = std::pow(q[i], alpha));
       for (int64_t i = 0; i < c; ++i) {
-        const double log_qa = std::log(std::pow(q[i], alpha) / z + eps);
+        const double log_qa = std::log(q_alpha[i] / z + eps);
         ds[i] = static_cast<scalar_t>(std::log(p_l[i] + eps) - log_qa);
         du[i] = static_cast<scalar_t>(std::log(q[i] + eps) - log_qa);
       }

@@ -29,4 +29,12 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
 // =default selects the narrower code), limited to what this build compiled.
 const char* flexda_cpu_isa();
 
+// adello::adello_prepare's CPU kernel (csrc/cpu/adello_prepare_cpu.cpp): the O(C) prologue of a
+// step, (adj_lb, adj_ulb, hparams) in `dtype`; adello::flexda_step calls it before the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
+    const at::Tensor& prior_lb, const at::Tensor& prior_ulb, const at::Tensor& step,
+    const at::Tensor& temperature, int64_t total_steps, double alpha_min, double power,
+    int64_t distill_start, double lambda_u, double lambda_d, double eps, bool flexda,
+    at::ScalarType dtype);
+
 }  // namespace adello
