@@ -88,6 +88,10 @@ struct Prim {
   // exp(d) for d <= ~0: 0 below the smallest normal, NaN for NaN. at::vec's exp_u20 (map of
   // std::exp in the portable build; Sleef's 1-ulp exp for double).
   static Vec exp(const Vec& d) { return d.exp_u20(); }
+  // s + e on the lanes whose index idx differs from k.
+  static Vec add_except(const Vec& s, const Vec& e, const Vec& idx, const Vec& k) {
+    return s + Vec::blendv(e, Vec(acc_t(0)), idx == k);
+  }
 };
 
 #if ADELLO_X86_FLOAT_PRIMS
@@ -145,6 +149,13 @@ struct Prim<float> {
     for (unsigned h = hit; h != 0; h &= h - 1) k = std::min(k, lanes[__builtin_ctz(h)]);
     return k;
   }
+  static Vec add_except(const Vec& s, const Vec& e, const Vec& idx, const Vec& k) {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_mask_add_ps(s, _mm512_cmp_ps_mask(idx, k, _CMP_NEQ_UQ), s, e);
+#else
+    return _mm256_add_ps(s, _mm256_andnot_ps(_mm256_cmp_ps(idx, k, _CMP_EQ_OQ), e));
+#endif
+  }
   static void argmax_step(Vec& m, Vec& idx, const Vec& x, const Vec& cur) {
 #if defined(CPU_CAPABILITY_AVX512)
     const __mmask16 gt = _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ);
@@ -162,7 +173,7 @@ struct Prim<float> {
   //   exp(r) = sum_{j<=6} r^j / j!   (Taylor; truncation < 2e-7 relative on |r| <= 0.347)
   //   exp(d) = 2^n exp(r)            (scalef on AVX-512, exponent bits on AVX2)
   // Relative error ~3e-7, i.e. a few ulp: far inside the 1e-6 gradient tolerance, and exp(0) = 1
-  // exactly (which the log1p path of row_lse relies on). d is clamped at -104 first (so -inf gives
+  // exactly (exp_sum leaves e_k = 1 out of its sum). d is clamped at -104 first (so -inf gives
   // 0, and 2^n cannot wrap); max(lo, d) returns d when d is NaN, so a NaN propagates into the sum
   // and marks the row non-finite.
   static Vec exp(const Vec& d_in) {
@@ -260,15 +271,22 @@ inline ArgMax row_argmax(const acc_t* z, const acc_t* adj, int64_t C) {
 //   d_c = x_c - x_k, formed as (z_c - z_k) + (adj_c - adj_k): the logit difference is exact when
 //         the two are close (Sterbenz), so logits of magnitude 1e4 lose nothing to the rounding
 //         of z + adj (which would cost ~5e-4 absolute per entry);
-//   e_c = exp(d_c * scale)   (kScale; else exp(d_c)), stored to e[c];   returns sum_c e_c;
+//   e_c = exp(d_c * scale)   (kScale; else exp(d_c)), stored to e[c] (e_k = exp(0) = 1 exactly);
+//   returns t = sum_{c != k} e_c, so that the row's sum of exps is s = 1 + t and its log is
+//   log1p(t): a confident row (t << 1) keeps its small loss to full relative precision, which
+//   log(1 + t) rounded would not (up to 6e-8 absolute);
 //   kDot: *dot = sum_c q_c d_c, the cross term of the soft-target cross-entropy.
+// Class indices are carried as acc_t lanes (exact below 2^24 classes).
 template <bool kAdj, bool kScale, bool kDot, typename acc_t>
-inline acc_t exp_sum(const acc_t* z, const acc_t* adj, acc_t zk, acc_t adjk, acc_t scale,
-                     const acc_t* q, acc_t* e, int64_t C, acc_t* dot) {
+inline acc_t exp_sum(const acc_t* z, const acc_t* adj, int64_t k, acc_t scale, const acc_t* q,
+                     acc_t* e, int64_t C, acc_t* dot) {
   using P = Prim<acc_t>;
   using Vec = typename P::Vec;
   constexpr int64_t L = P::L;
-  const Vec vzk(zk), vadjk(adjk), vscale(scale), zero(acc_t(0));
+  const Vec vzk(z[k]), vadjk(kAdj ? adj[k] : acc_t(0)), vscale(scale), zero(acc_t(0));
+  const Vec vk(static_cast<acc_t>(k)), step2(static_cast<acc_t>(2 * L));
+  Vec i0 = Vec::arange(acc_t(0), acc_t(1));
+  Vec i1 = i0 + Vec(static_cast<acc_t>(L));
   Vec s0 = zero, s1 = zero, t0 = zero, t1 = zero;
   auto diff = [&](const Vec& zv, const Vec& av) {
     if constexpr (kAdj) return (zv - vzk) + (av - vadjk);
@@ -285,14 +303,16 @@ inline acc_t exp_sum(const acc_t* z, const acc_t* adj, acc_t zk, acc_t adjk, acc
     const Vec e0 = expo(d0), e1 = expo(d1);
     e0.store(e + c);
     e1.store(e + c + L);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
+    s0 = P::add_except(s0, e0, i0, vk);
+    s1 = P::add_except(s1, e1, i1, vk);
+    i0 = i0 + step2;
+    i1 = i1 + step2;
     if constexpr (kDot) {
       t0 = at::vec::fmadd(Vec::loadu(q + c), d0, t0);
       t1 = at::vec::fmadd(Vec::loadu(q + c + L), d1, t1);
     }
   }
-  for (; c < C; c += L) {
+  for (; c < C; c += L) {  // i0 = c + lane here
     const int64_t n = std::min<int64_t>(L, C - c);
     // Lanes past the row: z = lowest, so d is hugely negative (or -inf) and exp gives 0; the dot
     // reads q = 0 there and multiplies a d forced to 0 (0 * -inf would be NaN).
@@ -300,7 +320,8 @@ inline acc_t exp_sum(const acc_t* z, const acc_t* adj, acc_t zk, acc_t adjk, acc
     const Vec d = diff(zv, kAdj ? P::load_fill(adj + c, n, acc_t(0)) : zero);
     const Vec ex = expo(d);
     P::store_n(e + c, ex, n);
-    s0 = s0 + ex;
+    s0 = P::add_except(s0, ex, i0, vk);
+    i0 = i0 + Vec(static_cast<acc_t>(L));
     if constexpr (kDot) {
       t0 = at::vec::fmadd(P::load_fill(q + c, n, acc_t(0)), Vec::set(zero, d, n), t0);
     }
@@ -309,27 +330,31 @@ inline acc_t exp_sum(const acc_t* z, const acc_t* adj, acc_t zk, acc_t adjk, acc
   return P::hsum(s0 + s1);
 }
 
-// log(s) for s = sum_c e_c with e_k = exp(0) = 1. Near s = 1 the rounding of 1 + t would cost
-// up to 6e-8 absolute, i.e. a large relative error on a small loss (a confident correct row), so
-// there t = sum_{c != k} e_c is re-summed from the stored exps and log1p(t) is returned.
+// The log terms of a task's rows. Every valid row's loss is (a part formed in the row) +
+// log(s) = ... + log1p(t); the log1p's are taken together, vectorised, when the task ends (one
+// scalar log per row cost ~15% of the kernel at C ~ 100). Each row's t goes with the loss term it
+// belongs to: 0 for L_s / L_u, 1 for L_d.
 template <typename acc_t>
-inline acc_t row_log_sum(acc_t* e, int64_t k, int64_t C, acc_t s) {
-  if (!(s < acc_t(2))) return std::log(s);
-  using P = Prim<acc_t>;
-  using Vec = typename P::Vec;
-  constexpr int64_t L = P::L;
-  const acc_t ek = e[k];
-  e[k] = acc_t(0);
-  Vec t0(acc_t(0)), t1(acc_t(0));
-  int64_t c = 0;
-  for (; c + 2 * L <= C; c += 2 * L) {
-    t0 = t0 + Vec::loadu(e + c);
-    t1 = t1 + Vec::loadu(e + c + L);
+struct RowLogs {
+  acc_t* t = nullptr;     // [rows per task]
+  int8_t* term = nullptr; // [rows per task]
+  int64_t n = 0;
+
+  void push(acc_t v, int8_t which) {
+    t[n] = v;
+    term[n++] = which;
   }
-  for (; c < C; c += L) t0 = t0 + P::load_fill(e + c, std::min<int64_t>(L, C - c), acc_t(0));
-  e[k] = ek;
-  return std::log1p(P::hsum(t0 + t1));
-}
+  // sums[j] += sum of log1p(t) over the pushed rows of term j, in push order; then empties.
+  void flush(double* sums) {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t L = Vec::size();
+    int64_t j = 0;
+    for (; j + L <= n; j += L) Vec::loadu(t + j).log1p().store(t + j);
+    if (j < n) Vec::loadu(t + j, n - j).log1p().store(t + j, n - j);
+    for (j = 0; j < n; ++j) sums[term[j]] += static_cast<double>(t[j]);
+    n = 0;
+  }
+};
 
 // The gradient pass: g_c = k1 e_c - k2 q_c (kQ) or k1 e_c, written to `out` (the gradient row,
 // for fp32/fp64) or back into e (bf16/fp16, narrowed afterwards); with kPrior also the task's
@@ -487,20 +512,26 @@ struct Kernel {
   // Per-worker scratch rows (acc dtype, C each): e, the exps of the row being processed; ew,
   // exp(w - max w); eq, exp((w - max w) / T); for bf16/fp16 also the widened weak and
   // strong/labeled rows.
+  // Also the log terms of the task being processed (RowLogs, up to `task_rows` rows).
   struct Scratch {
     std::unique_ptr<acc_t[]> buf;
+    std::unique_ptr<int8_t[]> terms;
     acc_t *e, *ew, *eq, *zin_w, *zin;
+    RowLogs<acc_t> logs;
   };
 
-  Scratch make_scratch() const {
+  Scratch make_scratch(int64_t task_rows) const {
     Scratch s;
     const int64_t rows = 3 + (kDirect ? 0 : 2);
-    s.buf.reset(new acc_t[rows * C]);
+    s.buf.reset(new acc_t[rows * C + task_rows]);
+    s.terms.reset(new int8_t[task_rows]);
     s.e = s.buf.get();
     s.ew = s.e + C;
     s.eq = s.e + 2 * C;
     s.zin_w = kDirect ? nullptr : s.e + 3 * C;
     s.zin = kDirect ? nullptr : s.e + 4 * C;
+    s.logs.t = s.e + rows * C;
+    s.logs.term = s.terms.get();
     return s;
   }
 
@@ -516,7 +547,8 @@ struct Kernel {
     }
   }
 
-  // Labeled row b: writes grad_lb[b], returns lse(x) - x[y] (NaN for a non-finite row).
+  // Labeled row b: writes grad_lb[b]; its loss lse(x) - x[y] is the returned part plus the
+  // log1p(t) pushed to sc.logs (NaN and nothing pushed for a non-finite row).
   acc_t labeled_row(int64_t b, Scratch& sc) const {
     const scalar_t* zrow = zl + b * C;
     scalar_t* grow = grad_lb + b * C;
@@ -530,22 +562,22 @@ struct Kernel {
     const int64_t y = labels[b];
     const ArgMax am = row_argmax<true>(z, ds, C);
     const int64_t k = am.k;
-    acc_t s = nan_value<acc_t>();
+    acc_t t = nan_value<acc_t>();
     if (std::isfinite(am.m)) {
-      s = exp_sum<true, false, false, acc_t>(z, ds, z[k], ds[k], acc_t(1), nullptr, sc.e, C,
-                                             nullptr);
+      t = exp_sum<true, false, false, acc_t>(z, ds, k, acc_t(1), nullptr, sc.e, C, nullptr);
     }
+    const acc_t s = acc_t(1) + t;
     if (!valid_sum(s)) {  // NaN/inf logits: the reference's row is NaN
       fill_row(grow, C, true);
       return nan_value<acc_t>();
     }
-    // lse(x) - x[y] = (x_k - x_y) + log(s), x_k - x_y formed without the rounding of z + ds.
-    const acc_t loss = ((z[k] - z[y]) + (ds[k] - ds[y])) + row_log_sum(sc.e, k, C, s);
+    // lse(x) - x[y] = (x_k - x_y) + log1p(t), x_k - x_y formed without the rounding of z + ds.
+    sc.logs.push(t, 0);
     // dL/dz_l[b] = (e / s - onehot(y)) / B: the one-hot is folded into the scaling pass,
     // (e_y - s) (1 / sB) = e_y / sB - 1 / B.
     sc.e[y] -= s;
     write_grad<false, false>(grow, sc.e, inv_b / s, nullptr, acc_t(0), nullptr, nullptr, acc_t(0));
-    return loss;
+    return (z[k] - z[y]) + (ds[k] - ds[y]);
   }
 
   // Unlabeled pair i: writes mask[i], yhat[i], grad_s[i], adds pw to `prior`, and its L_u and
@@ -569,12 +601,12 @@ struct Kernel {
 
     // ---- weak view: max and pseudo-label, sum of exps -> M = [1 / sum >= tau], pw.
     const ArgMax aw = row_argmax<false>(w, no_adj, C);
-    const acc_t mw = static_cast<acc_t>(aw.m);
     const int64_t k_w = aw.k;
     acc_t sw = nan_value<acc_t>();
     if (std::isfinite(aw.m)) {
-      sw = exp_sum<false, false, false, acc_t>(w, no_adj, mw, acc_t(0), acc_t(1), nullptr, sc.ew,
-                                               C, nullptr);
+      sw = acc_t(1) +
+           exp_sum<false, false, false, acc_t>(w, no_adj, k_w, acc_t(1), nullptr, sc.ew, C,
+                                               nullptr);
     }
     if (!valid_sum(sw)) {
       // NaN/inf weak logits: pw is NaN and so is the batch prior (ADELLOLoss then skips its
@@ -621,26 +653,25 @@ struct Kernel {
     const acc_t* qe = sc.ew;  // unnormalised q: pw's exps when T = 1 or M = 1 (unused then)
     acc_t inv_sq = inv_sw;
     if (!confident && !t_one) {
-      const acc_t sq = exp_sum<false, true, false, acc_t>(w, no_adj, mw, acc_t(0), inv_t,
-                                                          nullptr, sc.eq, C, nullptr);
+      const acc_t sq = acc_t(1) + exp_sum<false, true, false, acc_t>(w, no_adj, k_w, inv_t,
+                                                                    nullptr, sc.eq, C, nullptr);
       qe = sc.eq;
       inv_sq = acc_t(1) / sq;
     }
     acc_t dot = 0;
-    acc_t s = nan_value<acc_t>();
+    acc_t t = nan_value<acc_t>();
     if (std::isfinite(aa.m)) {
-      s = t_one ? exp_sum<true, false, true, acc_t>(z, du, z[k], du[k], acc_t(1), qe, sc.e, C,
-                                                    &dot)
-                : exp_sum<true, true, true, acc_t>(z, du, z[k], du[k],
-                                                   confident ? acc_t(1) : inv_t, qe, sc.e, C,
-                                                   &dot);
+      t = t_one ? exp_sum<true, false, true, acc_t>(z, du, k, acc_t(1), qe, sc.e, C, &dot)
+                : exp_sum<true, true, true, acc_t>(z, du, k, confident ? acc_t(1) : inv_t, qe,
+                                                   sc.e, C, &dot);
     }
+    const acc_t s = acc_t(1) + t;
     if (!valid_sum(s)) return nan_strong_row(grow, prior, sc.ew, inv_sw, confident ? lu : ld);
-    const acc_t log_s = row_log_sum(sc.e, k, C, s);
-    const acc_t ce = ((z[k] - z[k_w]) + (du[k] - du[k_w])) + log_s;
-    const acc_t h = log_s - inv_t * inv_sq * dot;
-    lu += confident ? static_cast<double>(ce) : 0.0;
-    ld += confident ? 0.0 : static_cast<double>(h);
+    // ce = (a_k - a_yhat) + log1p(t),  h = log1p(t) - (1/T) dot / sq: the parts besides the log
+    // here, the log with the task's others (sc.logs).
+    lu += confident ? static_cast<double>((z[k] - z[k_w]) + (du[k] - du[k_w])) : 0.0;
+    ld += confident ? 0.0 : -static_cast<double>(inv_t * inv_sq * dot);
+    sc.logs.push(t, confident ? 0 : 1);
     const acc_t cu = lambda_u * inv_n, cd = lambda_d * inv_n * inv_t;
     sc.e[k_w] -= confident ? s : acc_t(0);
     write_grad<true, true>(grow, sc.e, (confident ? cu : cd) / s, qe,
@@ -696,18 +727,20 @@ struct Kernel {
     auto run_task = [&](int64_t t, Scratch& sc) {
       if (t < plan.tasks_lb) {
         const int64_t b0 = t * plan.rows_lb, b1 = std::min(B, b0 + plan.rows_lb);
-        double ls = 0;
-        for (int64_t b = b0; b < b1; ++b) ls += static_cast<double>(labeled_row(b, sc));
-        loss_part[2 * t] = ls;
+        double ls[2] = {0, 0};
+        for (int64_t b = b0; b < b1; ++b) ls[0] += static_cast<double>(labeled_row(b, sc));
+        sc.logs.flush(ls);
+        loss_part[2 * t] = ls[0];
       } else {
         const int64_t u = t - plan.tasks_lb;
         const int64_t i0 = u * plan.rows_ulb, i1 = std::min(N, i0 + plan.rows_ulb);
         acc_t* prior = prior_part.get() + u * C;
         std::fill(prior, prior + C, acc_t(0));
-        double lu = 0, ld = 0;
-        for (int64_t i = i0; i < i1; ++i) unlabeled_row(i, sc, prior, lu, ld);
-        loss_part[2 * t] = lu;
-        loss_part[2 * t + 1] = ld;
+        double terms[2] = {0, 0};  // L_u, L_d
+        for (int64_t i = i0; i < i1; ++i) unlabeled_row(i, sc, prior, terms[0], terms[1]);
+        sc.logs.flush(terms);
+        loss_part[2 * t] = terms[0];
+        loss_part[2 * t + 1] = terms[1];
       }
     };
 
@@ -717,7 +750,7 @@ struct Kernel {
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       DenormalsAreZero daz;
-      Scratch sc = make_scratch();
+      Scratch sc = make_scratch(std::max(plan.rows_lb, plan.rows_ulb));
       for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) run_task(t, sc);
       if constexpr (kStream) Prim<acc_t>::stream_fence();
     });
