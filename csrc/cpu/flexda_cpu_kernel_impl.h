@@ -191,13 +191,16 @@ struct Prim<float> {
 #endif
     RawF r = ADELLO_PS(fnmadd)(n, ln2_hi, d);  // exact: n has <= 8 bits, ln2_hi 12
     r = ADELLO_PS(fnmadd)(n, ln2_lo, r);
-    RawF p = ADELLO_PS(set1)(1.0f / 720.0f);
-    p = ADELLO_PS(fmadd)(p, r, ADELLO_PS(set1)(1.0f / 120.0f));
-    p = ADELLO_PS(fmadd)(p, r, ADELLO_PS(set1)(1.0f / 24.0f));
-    p = ADELLO_PS(fmadd)(p, r, ADELLO_PS(set1)(1.0f / 6.0f));
-    p = ADELLO_PS(fmadd)(p, r, ADELLO_PS(set1)(0.5f));
-    p = ADELLO_PS(fmadd)(p, r, ADELLO_PS(set1)(1.0f));
-    p = ADELLO_PS(fmadd)(p, r, ADELLO_PS(set1)(1.0f));
+    // Estrin's scheme: three dependent FMAs instead of Horner's six (rows are short, so the
+    // exp pass is bound by this chain's latency more than by throughput).
+    const RawF one = ADELLO_PS(set1)(1.0f);
+    const RawF r2 = ADELLO_PS(mul)(r, r);
+    const RawF a = ADELLO_PS(add)(one, r);                                             // 1 + r
+    const RawF b = ADELLO_PS(fmadd)(r, ADELLO_PS(set1)(1.0f / 6.0f), ADELLO_PS(set1)(0.5f));
+    RawF c = ADELLO_PS(fmadd)(r, ADELLO_PS(set1)(1.0f / 120.0f), ADELLO_PS(set1)(1.0f / 24.0f));
+    c = ADELLO_PS(fmadd)(r2, ADELLO_PS(set1)(1.0f / 720.0f), c);    // 1/24 + r/120 + r^2/720
+    const RawF head = ADELLO_PS(fmadd)(r2, b, a);                    // 1 + r + r^2/2 + r^3/6
+    const RawF p = ADELLO_PS(fmadd)(ADELLO_PS(mul)(r2, r2), c, head);
 #if defined(CPU_CAPABILITY_AVX512)
     return _mm512_scalef_ps(p, n);  // p 2^n, gradual underflow to 0
 #else
