@@ -2,7 +2,7 @@
 # CUDA compile check, no GPU needed: builds adello_kernels._C against a CUDA build of torch
 # (csrc/cpu + csrc/cuda, TORCH_CUDA_ARCH_LIST "8.0;9.0") in a second venv, out of tree, then
 # imports it and runs tests/test_cuda_kernel.py (its build check requires a CUDA kernel for every
-# adello:: op; the GPU tests skip without a GPU).
+# adello:: op but the CPU-only ones; the GPU tests skip without a GPU).
 #
 #   tests/cuda_build_check.sh            # from anywhere; ~4-6 min cold on 2 cores, ~1 min warm
 #
