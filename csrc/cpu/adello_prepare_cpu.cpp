@@ -8,8 +8,9 @@
 //   ds      = log(P_L + eps) - log(Qa + eps)                  (labeled-logit adjustment)
 //   du      = log(Q + eps)   - log(Qa + eps)                  (strong-logit adjustment)
 //   hparams = (lambda_u, lambda_d, [t >= t0], T)
-// computed in double and rounded once to the accumulate dtype; flexda = false gives ds = du = 0.
-// Reading the 0-d `step` and `temperature` here is a plain memory read: they are CPU tensors.
+// computed in double (vectorised: flexda_cpu_adjustments, in the kernel's ISA builds) and rounded
+// once to the accumulate dtype; flexda = false gives ds = du = 0. Reading the 0-d `step` and
+// `temperature` here is a plain memory read: they are CPU tensors.
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -24,21 +25,24 @@
 namespace adello {
 namespace {
 
-template <typename T>
-void read_vector(const at::Tensor& x, std::vector<double>& out) {
-  const auto xc = x.contiguous();
-  const T* p = xc.data_ptr<T>();
-  for (int64_t i = 0; i < xc.numel(); ++i) out[i] = static_cast<double>(p[i]);
-}
-
-std::vector<double> as_doubles(const at::Tensor& x, const char* name) {
+// x (a 1-d CPU float tensor) as doubles, into out[0, numel).
+void read_doubles(const at::Tensor& x, const char* name, double* out) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1, "adello_prepare: ", name,
               " must be a 1-d CPU tensor, got ", x.sizes(), " on ", x.device());
-  std::vector<double> out(x.numel());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adello_prepare", [&] {
-    read_vector<scalar_t>(x, out);
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    const int64_t stride = x.stride(0);
+    for (int64_t i = 0; i < x.numel(); ++i) out[i] = static_cast<double>(p[i * stride]);
   });
-  return out;
+}
+
+// The value of a 0-d (or one-element) CPU tensor, read in place (no dispatcher call).
+double read_scalar(const at::Tensor& x) {
+  double v = 0.0;
+  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "adello_prepare", [&] {
+    v = static_cast<double>(*x.const_data_ptr<scalar_t>());
+  });
+  return v;
 }
 
 }  // namespace
@@ -55,40 +59,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
               "adello_prepare: step must be a 0-d int64 CPU tensor");
   TORCH_CHECK(temperature.numel() == 1 && temperature.device().is_cpu(),
               "adello_prepare: temperature must be a 0-d CPU tensor");
-  const std::vector<double> p_l = as_doubles(prior_lb, "prior_lb");
-  const std::vector<double> q = as_doubles(prior_ulb, "prior_ulb");
-  const int64_t c = static_cast<int64_t>(q.size());
-  TORCH_CHECK(static_cast<int64_t>(p_l.size()) == c, "adello_prepare: prior_lb has ", p_l.size(),
+  const int64_t c = prior_ulb.numel();
+  TORCH_CHECK(prior_lb.numel() == c, "adello_prepare: prior_lb has ", prior_lb.numel(),
               " classes but prior_ulb has ", c);
-
-  const int64_t t = step.item<int64_t>();
+  const int64_t t = *step.const_data_ptr<int64_t>();
   const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
   at::Tensor adj_lb = at::empty({c}, opts);
   at::Tensor adj_ulb = at::empty({c}, opts);
   at::Tensor hparams = at::empty({4}, opts);
 
+  // P_L, Q, a workspace and ds, du in double, rounded once into the outputs.
+  std::vector<double> buf(flexda ? 5 * c : 0);
+  if (flexda) {
+    double *p_l = buf.data(), *q = p_l + c, *work = q + c, *ds = work + c, *du = ds + c;
+    read_doubles(prior_lb, "prior_lb", p_l);
+    read_doubles(prior_ulb, "prior_ulb", q);
+    const double frac = std::min(std::max(static_cast<double>(t) / total_steps, 0.0), 1.0);
+    const double alpha = 1.0 - (1.0 - alpha_min) * std::pow(frac, power);
+    flexda_cpu_adjustments(p_l, q, c, alpha, eps, work, ds, du);
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "adello_prepare", [&] {
     scalar_t* ds = adj_lb.data_ptr<scalar_t>();
     scalar_t* du = adj_ulb.data_ptr<scalar_t>();
-    if (!flexda) {
-      for (int64_t i = 0; i < c; ++i) ds[i] = du[i] = scalar_t(0);
-    } else {
-      const double frac = std::min(std::max(static_cast<double>(t) / total_steps, 0.0), 1.0);
-      const double alpha = 1.0 - (1.0 - alpha_min) * std::pow(frac, power);
-      std::vector<double> q_alpha(c);
-      double z = 0.0;
-      for (int64_t i = 0; i < c; ++i) z += (q_alpha[i] = std::pow(q[i], alpha));
-      for (int64_t i = 0; i < c; ++i) {
-        const double log_qa = std::log(q_alpha[i] / z + eps);
-        ds[i] = static_cast<scalar_t>(std::log(p_l[i] + eps) - log_qa);
-        du[i] = static_cast<scalar_t>(std::log(q[i] + eps) - log_qa);
-      }
+    for (int64_t i = 0; i < c; ++i) {
+      ds[i] = flexda ? static_cast<scalar_t>(buf[3 * c + i]) : scalar_t(0);
+      du[i] = flexda ? static_cast<scalar_t>(buf[4 * c + i]) : scalar_t(0);
     }
     scalar_t* hp = hparams.data_ptr<scalar_t>();
     hp[0] = static_cast<scalar_t>(lambda_u);
     hp[1] = static_cast<scalar_t>(lambda_d);
     hp[2] = t >= distill_start ? scalar_t(1) : scalar_t(0);
-    hp[3] = static_cast<scalar_t>(temperature.item<double>());
+    hp[3] = static_cast<scalar_t>(read_scalar(temperature));
   });
   return {adj_lb, adj_ulb, hparams};
 }

@@ -29,6 +29,12 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
 // =default selects the narrower code), limited to what this build compiled.
 const char* flexda_cpu_isa();
 
+// The logit adjustments ds = adj_lb, du = adj_ulb of SPEC.md section 1 for alpha, in double, with
+// the build's widest instruction set ([C] each; workspace: [C] scratch).
+void flexda_cpu_adjustments(const double* prior_lb, const double* prior_ulb, int64_t C,
+                            double alpha, double eps, double* workspace, double* adj_lb,
+                            double* adj_ulb);
+
 // adello::adello_prepare's CPU kernel (csrc/cpu/adello_prepare_cpu.cpp): the O(C) prologue of a
 // step, (adj_lb, adj_ulb, hparams) in `dtype`; adello::flexda_step calls it before the kernel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(

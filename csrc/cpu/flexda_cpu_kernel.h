@@ -85,9 +85,16 @@ struct Args {
 
 using KernelFn = void (*)(const Args&);
 
-// One kernel per logits dtype; null entries when the ISA was not compiled in this build.
+// The logit adjustments of adello_prepare, in double (see `adjustments` in the kernel):
+// (prior_lb [C], prior_ulb [C], C, alpha, eps, workspace [C], ds [C], du [C]).
+using AdjustFn = void (*)(const double*, const double*, int64_t, double, double, double*,
+                          double*, double*);
+
+// One kernel per logits dtype, and the adjustments; null entries when the ISA was not compiled
+// in this build.
 struct KernelTable {
   KernelFn f32 = nullptr, f64 = nullptr, bf16 = nullptr, f16 = nullptr;
+  AdjustFn adjust = nullptr;
 
   template <typename scalar_t>
   KernelFn get() const {
