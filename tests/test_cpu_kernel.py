@@ -291,14 +291,23 @@ ISA_SCRIPT = textwrap.dedent("""
                                      (torch.bfloat16, False, 2.0), (torch.float64, True, 0.5)):
                 args = t.op_args(b, n, c, dtype, seed=c, distill=distill, temperature=temp)
                 t.assert_matches_reference(t.run(args), t.reference(args), args, f"{{b}}x{{n}}x{{c}}")
+    # the prologue's logit adjustments come from the same per-ISA build
+    from adello_kernels.ops.state import adello_prepare, _prepare_torch
+    for c in (1, 7, 127, 4097):
+        p_l, q = torch.rand(2, c, generator=torch.Generator().manual_seed(c)) ** 3 + 1e-4
+        for dtype in (torch.float32, torch.float64):
+            args = (p_l / p_l.sum(), q / q.sum(), torch.tensor(300), torch.tensor(1.5), 1000, 0.1,
+                    2.0, 100, 1.0, 1.0, 1e-9, True, dtype)
+            for g, w in zip(adello_prepare(*args), _prepare_torch(*args)):
+                torch.testing.assert_close(g, w, rtol=2e-7, atol=1e-6)
     print("ok")
 """)
 
 
 @pytest.mark.parametrize("cap", ["AVX2", "DEFAULT"])
 def test_narrower_instruction_sets_match_reference(cap):
-    """The kernel follows torch's CPU capability: run the AVX2 and the portable builds in a
-    subprocess (ATEN_CPU_CAPABILITY can only lower it)."""
+    """The kernel (and the prologue's adjustments) follow torch's CPU capability: run the AVX2
+    and the portable builds in a subprocess (ATEN_CPU_CAPABILITY can only lower it)."""
     order = ["DEFAULT", "AVX2", "AVX512"]
     here = torch.backends.cpu.get_cpu_capability()
     if here not in order or order.index(cap) > order.index(here):
