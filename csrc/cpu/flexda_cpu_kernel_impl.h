@@ -191,8 +191,8 @@ struct Prim<float> {
 #endif
     RawF r = ADELLO_PS(fnmadd)(n, ln2_hi, d);  // exact: n has <= 8 bits, ln2_hi 12
     r = ADELLO_PS(fnmadd)(n, ln2_lo, r);
-    // Estrin's scheme: three dependent FMAs instead of Horner's six (rows are short, so the
-    // exp pass is bound by this chain's latency more than by throughput).
+    // Estrin's scheme: a chain of three dependent FMAs instead of Horner's six, for the short
+    // rows where there is little independent work to overlap with it (~4% at C = 127).
     const RawF one = ADELLO_PS(set1)(1.0f);
     const RawF r2 = ADELLO_PS(mul)(r, r);
     const RawF a = ADELLO_PS(add)(one, r);                                             // 1 + r
