@@ -80,3 +80,13 @@ def test_backward_scales_saved_gradients(backend):
     torch.testing.assert_close(g[0], r[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g[1], r[1], rtol=1e-5, atol=1e-6)
     assert g[2] is None or float(g[2].abs().max()) == 0.0  # the weak view gets no gradient
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_higher_order_gradients_are_refused(backend):
+    # The fused forward's gradients are values: differentiating them again would silently give 0.
+    z_l, y, z_w, z_s, p_l, q = make_inputs(4, 5, 6, seed=1)
+    z_l.requires_grad_()
+    out = ak.flexda_loss(z_l, y, z_w, z_s, p_l, q, 0.5, backend=backend)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out.loss, (z_l,), create_graph=True)

@@ -5,7 +5,7 @@ forward of an ADELLOLoss step as one op, with its autograd in C++.
   every one of them, both gradients included, matches the float64 reference (SPEC.md section 6);
 - the C++ autograd: float64 gradcheck, an incoming grad != 1, only one input differentiable,
   retain_graph (fresh gradients each time), `.backward()` accumulation, non-differentiable
-  outputs; opcheck (fake, autograd registration, AOT dispatch).
+  outputs, create_graph refused; opcheck (fake, autograd registration, AOT dispatch).
 """
 import pytest
 import torch
@@ -151,6 +151,14 @@ def test_retain_graph_and_backward_accumulation():
     w = args[2].clone().requires_grad_()
     out = flexda_step(args[0], args[1], w, *args[3:])[0]
     assert torch.autograd.grad(out, (w,), allow_unused=True) == (None,)
+
+
+def test_higher_order_gradients_are_refused():
+    # The forward's gradients are values: differentiating them again would silently give 0.
+    args = step_args(6, 8, 10, seed=2)
+    a = args[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(flexda_step(*args)[0], (a,), create_graph=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

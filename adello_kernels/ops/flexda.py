@@ -84,6 +84,11 @@ def _input_grads(ctx, grad_loss, need_lb: bool, need_s: bool):
     # z_w and the [C]/[4] vectors get no gradient (stop-gradient / no dependence).
     if grad_loss is None:
         return (None,) * 8
+    # The saved gradients are values, not functions of the logits: a graph of this backward
+    # (create_graph=True) would carry a second derivative of 0. Refuse it rather than be wrong.
+    if torch.is_grad_enabled():
+        raise RuntimeError("adello fused kernels give first-order gradients only; for "
+                           "create_graph=True (higher-order gradients) use backend='reference'")
     grad_lb, grad_ulb_s = ctx.saved_tensors
     g_lb = _scale(grad_lb, grad_loss) if need_lb else None
     g_s = _scale(grad_ulb_s, grad_loss) if need_s else None

@@ -104,6 +104,11 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
     torch::autograd::variable_list grads(kNumInputs);
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;  // loss was not used
+    // The saved gradients are values, not functions of the logits: a graph of this backward
+    // (create_graph=True) would carry a second derivative of 0. Refuse it rather than be wrong.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "adello::flexda_step: the fused kernels give first-order gradients only; for "
+                "create_graph=True (higher-order gradients) use backend='reference'");
     const auto saved = ctx->get_saved_variables();
     if (ctx->needs_input_grad(0)) grads[0] = scale_saved(saved[0], grad_loss);
     if (ctx->needs_input_grad(3)) grads[3] = scale_saved(saved[1], grad_loss);
