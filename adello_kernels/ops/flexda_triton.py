@@ -81,6 +81,22 @@ def _load_tile(ptr, rows, cols, n_rows, C):
 
 
 @triton.jit
+def _load_block(ptr, offs, m2, cmask, ACC: tl.constexpr):
+    """One column block of the looped kernels, [ROWS, BLOCK_C] at offsets `offs` (valid where m2),
+    upcast to ACC; padding columns are -inf (exp -> 0)."""
+    x = tl.load(ptr + offs, mask=m2, other=0.0).to(ACC)
+    return tl.where(cmask[None, :], x, float("-inf"))
+
+
+@triton.jit
+def _load_block_adjusted(ptr, adj_ptr, offs, m2, cols, cmask, ACC: tl.constexpr):
+    """`_load_block` plus the logit adjustment adj[cols] (ds or du) on every row."""
+    x = tl.load(ptr + offs, mask=m2, other=0.0).to(ACC)
+    d = tl.load(adj_ptr + cols, mask=cmask, other=0.0)
+    return tl.where(cmask[None, :], x + d[None, :], float("-inf"))
+
+
+@triton.jit
 def _sup_tile(x_raw, y, glb_ptr, ds, rows, cols, B, C, ACC: tl.constexpr):
     """Labeled rows `rows`, loaded as x_raw / y (whole rows in registers). Returns the per-row CE
     (0 on padding rows).
@@ -195,9 +211,8 @@ def _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, ds_ptr, rows, cols0, B, C, ROWS: tl
         cols = c0 + cols0
         cmask = cols < C
         offs = row_off[:, None] + cols[None, :]
-        x = tl.load(zl_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
-        d = tl.load(ds_ptr + cols, mask=cmask, other=0.0)
-        x = tl.where(cmask[None, :], x + d[None, :], float("-inf"))
+        x = _load_block_adjusted(zl_ptr, ds_ptr, offs, rmask[:, None] & cmask[None, :], cols,
+                                 cmask, ACC)
         m_new = tl.maximum(m, tl.max(x, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub[:, None]), 1)
@@ -212,9 +227,7 @@ def _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, ds_ptr, rows, cols0, B, C, ROWS: tl
         cmask = cols < C
         offs = row_off[:, None] + cols[None, :]
         m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(zl_ptr + offs, mask=m2, other=0.0).to(ACC)
-        d = tl.load(ds_ptr + cols, mask=cmask, other=0.0)
-        x = tl.where(cmask[None, :], x + d[None, :], float("-inf"))
+        x = _load_block_adjusted(zl_ptr, ds_ptr, offs, m2, cols, cmask, ACC)
         onehot = (cols[None, :] == y[:, None]).to(ACC)
         g = (tl.exp(x - m[:, None]) * inv_s[:, None] - onehot) * inv_b
         tl.store(glb_ptr + offs, g.to(glb_ptr.dtype.element_ty), mask=m2)
@@ -252,11 +265,8 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, du_ptr, prior
         cmask = cols < C
         offs = row_off[:, None] + cols[None, :]
         m2 = rmask[:, None] & cmask[None, :]
-        w = tl.load(zw_ptr + offs, mask=m2, other=0.0).to(ACC)
-        w = tl.where(cmask[None, :], w, float("-inf"))
-        s = tl.load(zs_ptr + offs, mask=m2, other=0.0).to(ACC)
-        d = tl.load(du_ptr + cols, mask=cmask, other=0.0)
-        a = tl.where(cmask[None, :], s + d[None, :], float("-inf"))
+        w = _load_block(zw_ptr, offs, m2, cmask, ACC)
+        a = _load_block_adjusted(zs_ptr, du_ptr, offs, m2, cols, cmask, ACC)
 
         b_max, b_idx = tl.max(w, 1, return_indices=True, return_indices_tie_break_left=True)
         yhat = tl.where(b_max > m_w, b_idx + c0, yhat)
@@ -287,11 +297,8 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, du_ptr, prior
         cmask = cols < C
         offs = row_off[:, None] + cols[None, :]
         m2 = rmask[:, None] & cmask[None, :]
-        w = tl.load(zw_ptr + offs, mask=m2, other=0.0).to(ACC)
-        w = tl.where(cmask[None, :], w, float("-inf"))
-        s = tl.load(zs_ptr + offs, mask=m2, other=0.0).to(ACC)
-        d = tl.load(du_ptr + cols, mask=cmask, other=0.0)
-        a = tl.where(cmask[None, :], s + d[None, :], float("-inf"))
+        w = _load_block(zw_ptr, offs, m2, cmask, ACC)
+        a = _load_block_adjusted(zs_ptr, du_ptr, offs, m2, cols, cmask, ACC)
 
         pw = tl.exp(w - m_w[:, None]) * inv_sw[:, None]
         tl.debug_barrier()
