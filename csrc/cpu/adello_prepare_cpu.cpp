@@ -81,9 +81,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
   AT_DISPATCH_FLOATING_TYPES(dtype, "adello_prepare", [&] {
     scalar_t* ds = adj_lb.data_ptr<scalar_t>();
     scalar_t* du = adj_ulb.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < c; ++i) {
-      ds[i] = flexda ? static_cast<scalar_t>(buf[3 * c + i]) : scalar_t(0);
-      du[i] = flexda ? static_cast<scalar_t>(buf[4 * c + i]) : scalar_t(0);
+    if (flexda) {
+      std::copy(buf.begin() + 3 * c, buf.begin() + 4 * c, ds);  // narrowed once
+      std::copy(buf.begin() + 4 * c, buf.end(), du);
+    } else {
+      std::fill(ds, ds + c, scalar_t(0));
+      std::fill(du, du + c, scalar_t(0));
     }
     scalar_t* hp = hparams.data_ptr<scalar_t>();
     hp[0] = static_cast<scalar_t>(lambda_u);
