@@ -6,9 +6,9 @@ import math
 import torch
 
 from . import backends
-from .ops.flexda import FusedStep
-from .reference import (FlexDAOutput, Scalar, accumulate_dtype, flexda_reference,
-                        logit_adjustments)
+from .ops.flexda import (HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE, NUM_HPARAMS,
+                         FusedStep)
+from .reference import FlexDAOutput, Scalar, accumulate_dtype, adjustments, flexda_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 PRIOR_SUM_TOL = 1e-3
@@ -142,8 +142,9 @@ def _hparams(lambda_u: float, lambda_d: float, distill: Scalar, temperature: Sca
             return ((v != 0) if gate else v).to(dtype).reshape(1)
         return torch.full((1,), float(bool(v)) if gate else float(v), dtype=dtype, device=device)
 
-    return torch.cat([entry(lambda_u), entry(lambda_d), entry(distill, gate=True),
-                      entry(temperature)])
+    slots = {HP_LAMBDA_U: entry(lambda_u), HP_LAMBDA_D: entry(lambda_d),
+             HP_GATE: entry(distill, gate=True), HP_TEMPERATURE: entry(temperature)}
+    return torch.cat([slots[i] for i in range(NUM_HPARAMS)])
 
 
 def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: torch.Tensor,
@@ -151,7 +152,7 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
                 alpha: Scalar, *, threshold: float = 0.95, lambda_u: float = 1.0,
                 lambda_d: float = 1.0, distill: Scalar = True, temperature: Scalar = 1.0,
                 eps: float = 1e-9, backend: str = "auto", validate: bool = True) -> FlexDAOutput:
-    """One ADELLO step (FlexDA + complementary consistency distillation), SPEC.md section 1.
+    """One ADELLO step (FlexDA + complementary consistency distillation), docs/method.md.
 
     Args:
         logits_lb:    [B, C] labeled logits (fp32, bf16, fp16 or fp64)
@@ -193,7 +194,7 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
                                 eps=eps)
 
     acc = accumulate_dtype(logits_lb.dtype)
-    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=acc)
+    ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc)
     hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc)
     return fused_step(name, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams,
                       float(threshold))

@@ -9,11 +9,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backends
-from .functional import check_logits, check_prior, flexda_loss, fused_step
+from .functional import check_logits, check_prior, flexda_loss
 from .ops.snapshot import snapshot
-from .ops.state import adello_prepare, adello_update_, momentum_update, update_prior_
-from .ops.step import flexda_step
-from .reference import FlexDAOutput, accumulate_dtype, alpha_schedule
+from .ops.state import momentum_update, update_prior_
+from .reference import FlexDAOutput, alpha_schedule
 
 
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False,
@@ -114,9 +113,13 @@ class ADELLOLoss(nn.Module):
         """alpha_t at the current step (a 0-d tensor on the module's device)."""
         return alpha_schedule(self.step, self.total_steps, self.alpha_min, self.power)
 
+    def _syncing(self) -> bool:
+        """True when the batch prior is all-reduced across ranks before the update."""
+        return self.sync_prior and dist.is_available() and dist.is_initialized()
+
     def _global_mean(self, prior_batch: torch.Tensor, n: int) -> torch.Tensor:
         """The batch prior over all ranks: sum_r N_r mean_r / sum_r N_r (one all-reduce)."""
-        if not (self.sync_prior and dist.is_available() and dist.is_initialized()):
+        if not self._syncing():
             return prior_batch
         buf = torch.cat([prior_batch.float() * n, prior_batch.new_full((1,), float(n))])
         dist.all_reduce(buf)
@@ -142,7 +145,7 @@ class ADELLOLoss(nn.Module):
         n = logits_ulb_w.shape[0]
         backend = backends.resolve_backend(self.backend, logits_lb.device)
         q_prev, step, temperature = prior_ulb, step_buf, temperature_buf
-        snap = backend == "reference" and compiling  # see ops/snapshot.py
+        snap = compiling  # see ops/snapshot.py
         if snap:
             q_prev, step, temperature = (snapshot(x) for x in (q_prev, step, temperature))
 
@@ -160,6 +163,7 @@ class ADELLOLoss(nn.Module):
             freeze_now = (step >= self.distill_start) & ~frozen
             temperature = torch.where(freeze_now, torch.exp(kl).to(temperature.dtype), temperature)
 
+        syncing = self._syncing()
         if backend == "reference":  # plain PyTorch end to end: what users run without kernels
             if self.flexda:
                 p_l, q = self.prior_lb, q_prev
@@ -170,31 +174,85 @@ class ADELLOLoss(nn.Module):
                               threshold=self.threshold, lambda_u=self.lambda_u,
                               lambda_d=self.lambda_d, distill=step >= self.distill_start,
                               temperature=temperature, backend=backend, validate=False)
-        elif backend == "cpu":  # prologue + fused kernel in one C++ op, its autograd in C++
+        else:
+            # Every fused backend: one op for the whole step (prologue from the state, rows,
+            # reduce and, unless the batch prior must first be all-reduced, the prior/step
+            # update), differentiable through its own autograd (ops/step.py).
             loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels, prior_batch, _, _ = \
-                flexda_step(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, self.prior_lb,
-                            q_prev, step, temperature, self.total_steps, self.alpha_min,
-                            self.power, self.distill_start, self.lambda_u, self.lambda_d, 1e-9,
-                            self.flexda, self.threshold)
+                backends.step_function(backend)(
+                    logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, self.prior_lb, prior_ulb,
+                    step_buf, buffers["skipped_updates"], temperature, self.total_steps,
+                    self.alpha_min, self.power, self.distill_start, self.lambda_u,
+                    self.lambda_d, 1e-9, self.flexda, self.threshold, self.prior_momentum,
+                    not syncing)
             out = FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                                prior_batch)
-        else:  # cuda, triton: prologue op, the row kernel (Python autograd), epilogue op
-            adj_lb, adj_ulb, hparams = adello_prepare(
-                self.prior_lb, q_prev, step, temperature, self.total_steps, self.alpha_min,
-                self.power, self.distill_start, self.lambda_u, self.lambda_d, 1e-9, self.flexda,
-                accumulate_dtype(logits_lb.dtype))
-            out = fused_step(backend, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb,
-                             adj_ulb, hparams, self.threshold)
 
         # The update reads only detached values: no autograd recording (and no no_grad context).
         if self.imbalance_aware:
             temperature_buf.copy_(temperature)
             buffers["temperature_frozen"].logical_or_(freeze_now)
-        else:
-            batch_prior = self._global_mean(out.prior_batch.detach(), n)
-        # The C++ epilogue saves ~10 small ops per eager step; a compiled step fuses the PyTorch
-        # version itself (and inductor mishandles reads of state that a mutating custom op
-        # updates later in the same graph).
-        update = update_prior_ if backend == "reference" or compiling else adello_update_
-        update(prior_ulb, step_buf, buffers["skipped_updates"], batch_prior, self.prior_momentum)
+        if backend == "reference" or syncing:
+            if not self.imbalance_aware:
+                batch_prior = self._global_mean(out.prior_batch.detach(), n)
+            update_prior_(prior_ulb, step_buf, buffers["skipped_updates"], batch_prior,
+                          self.prior_momentum)
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Every entry is checked before any is assigned, so a rejected state (another class
+        # count, a NaN prior, a negative step, ...) leaves the module exactly as it was; this
+        # also holds when the criterion is loaded as part of a larger module.
+        errors = self._state_errors(state_dict, prefix)
+        if errors:
+            error_msgs.extend(errors)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _state_errors(self, state_dict, prefix: str) -> list[str]:
+        """What is wrong with this module's entries of `state_dict` (empty: loadable). Reads the
+        values (a host sync), as loading a checkpoint does anyway."""
+        errors, got = [], {}
+        for name, buf in self._buffers.items():
+            if buf is None or name in self._non_persistent_buffers_set:
+                continue
+            key = prefix + name
+            if key not in state_dict:
+                continue              # a missing key is reported by nn.Module (strict=True)
+            v = state_dict[key]
+            if not isinstance(v, torch.Tensor):
+                errors.append(f"{key}: expected a tensor, got {type(v).__name__}")
+                continue
+            if v.shape != buf.shape:
+                errors.append(f"{key}: shape {tuple(v.shape)} does not match this module's "
+                              f"{tuple(buf.shape)} (num_classes={self.num_classes})")
+                continue
+            kind = ("bool" if buf.dtype == torch.bool else
+                    "float" if buf.is_floating_point() else "int")
+            v_kind = ("bool" if v.dtype == torch.bool else "float" if v.is_floating_point()
+                      else "complex" if v.is_complex() else "int")
+            if kind != v_kind:
+                errors.append(f"{key}: dtype {v.dtype} where {buf.dtype} is expected")
+                continue
+            got[name] = v.detach().cpu()
+        for name in ("prior_lb", "prior_ulb"):
+            v = got.get(name)
+            if v is None:
+                continue
+            v = v.double()
+            if not bool(torch.isfinite(v).all()):
+                errors.append(f"{prefix}{name}: holds non-finite values")
+            elif bool((v < 0).any()):
+                errors.append(f"{prefix}{name}: holds negative values")
+            elif abs(float(v.sum()) - 1.0) > 1e-3:
+                errors.append(f"{prefix}{name}: sums to {float(v.sum()):.6g}, not 1")
+        t = got.get("temperature")
+        if t is not None and not (math.isfinite(float(t)) and float(t) > 0):
+            errors.append(f"{prefix}temperature: must be finite and > 0, got {float(t)}")
+        for name in ("step", "skipped_updates"):
+            v = got.get(name)
+            if v is not None and int(v) < 0:
+                errors.append(f"{prefix}{name}: must be >= 0, got {int(v)}")
+        return errors

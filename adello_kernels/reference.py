@@ -1,11 +1,11 @@
 """Pure-PyTorch reference of one ADELLO step: the oracle every fused kernel is tested against.
 
-Written for clarity, not speed: each line is an equation of SPEC.md section 1, and autograd gives
-the gradients of section 2. It runs on any device and in any float dtype; bf16/fp16 logits are
-upcast to fp32 (the numerics contract: accumulate in fp32), fp64 stays fp64, so calling it on
-float64 copies of the inputs gives the exact answer the kernels are compared with.
+Written for clarity, not speed: each line is an equation of docs/method.md, and autograd gives
+the gradients of its Gradients section. It runs on any device and in any float dtype; bf16/fp16
+logits are upcast to fp32 (the numerics contract: accumulate in fp32), fp64 stays fp64, so
+calling it on float64 copies of the inputs gives the exact answer the kernels are compared with.
 
-Notation (SPEC.md section 1):
+Notation (docs/method.md, Notation):
     z_l [B, C], y [B]       labeled logits and labels
     z_w [N, C], z_s [N, C]  weak- and strong-view logits of the same N unlabeled images
     P_L [C], Q [C]          labeled prior (fixed) and running unlabeled-prior estimate
@@ -17,11 +17,13 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
+from .ops.flexda import HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE
+
 Scalar = Union[float, int, bool, torch.Tensor]
 
 
 class FlexDAOutput(NamedTuple):
-    """What one ADELLO step returns (SPEC.md section 4).
+    """What one ADELLO step returns (docs/contract.md, Public API).
 
     loss          0-d fp32, differentiable w.r.t. logits_lb and logits_ulb_s
     loss_sup      0-d fp32, detached: L_s
@@ -85,6 +87,20 @@ def logit_adjustments(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Sc
     return ds, du
 
 
+def adjustments(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar, eps: float,
+                dtype: torch.dtype):
+    """(ds, du) as every path of the project builds them (docs/contract.md, Precision): computed
+    in float64 from the priors, then rounded once to `dtype` (the accumulate dtype)."""
+    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=torch.float64)
+    return ds.to(dtype), du.to(dtype)
+
+
+def _safe_labels(labels: torch.Tensor, num_classes: int):
+    """(labels with out-of-range entries replaced by 0, [B] bool: label in [0, C))."""
+    valid = (labels >= 0) & (labels < num_classes)
+    return torch.where(valid, labels, torch.zeros_like(labels)), valid
+
+
 def _as_tensor(x: Scalar, like: torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=like.device, dtype=like.dtype)
@@ -106,10 +122,18 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     z_l = logits_lb.to(acc)
     z_w = logits_ulb_w.detach().to(acc)            # stop-gradient on the weak view
     z_s = logits_ulb_s.to(acc)
-    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=acc)
+    ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc)
 
     # Supervised loss, generalised logit adjustment: L_s = mean_b CE(y_b, softmax(z_l[b] + ds)).
-    loss_sup = F.cross_entropy(z_l + ds, labels_lb)
+    x = z_l + ds
+    safe, valid = _safe_labels(labels_lb, x.shape[1])
+    ce = F.cross_entropy(x, safe, reduction="none")
+    # A label outside [0, C) (validation off): that row's CE is NaN and so is its gradient row
+    # (x.sum * NaN has a NaN derivative for every logit), the chosen behaviour of every backend.
+    # (x * 0 elsewhere, so valid rows keep their value and gradient.)
+    nan_rows = torch.where(valid, 0.0, float("nan")).to(x.dtype)
+    ce = torch.where(valid, ce, 0.0) + (x * nan_rows[:, None]).sum(-1)
+    loss_sup = ce.mean()
 
     # Weak view, raw logits: pw = softmax(z_w); M = [max pw >= tau] (inclusive, on the probability
     # in the accumulate dtype); yhat = argmax pw (torch.max returns the first index on ties).
@@ -142,20 +166,25 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
 def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb,
                          hparams, threshold):
     """The fused op's contract (adello_kernels/ops/flexda.py) written with the closed-form
-    gradients of SPEC.md section 2 instead of autograd. Tests check it against autograd of
+    gradients of docs/method.md (Gradients) instead of autograd. Tests check it against autograd of
     `flexda_reference`, and every kernel against it, output by output.
     """
     acc = accumulate_dtype(logits_lb.dtype)
     z_l, z_w, z_s = logits_lb.to(acc), logits_ulb_w.to(acc), logits_ulb_s.to(acc)
     ds, du = adj_lb.to(acc), adj_ulb.to(acc)
-    lambda_u, lambda_d, gate, t = hparams.to(acc).unbind()
+    hp = hparams.to(acc)
+    lambda_u, lambda_d, gate, t = hp[HP_LAMBDA_U], hp[HP_LAMBDA_D], hp[HP_GATE], hp[HP_TEMPERATURE]
     b, n = z_l.shape[0], z_w.shape[0]
     on = gate != 0
 
-    # labeled rows: dL/dz_l = (softmax(z_l + ds) - onehot(y)) / B
+    # labeled rows: dL/dz_l = (softmax(z_l + ds) - onehot(y)) / B; a label outside [0, C) gives
+    # a NaN CE and a NaN gradient row
     logp_l = torch.log_softmax(z_l + ds, dim=-1)
-    loss_sup = -logp_l.gather(1, labels_lb[:, None]).mean()
-    grad_lb = (logp_l.exp() - F.one_hot(labels_lb, z_l.shape[1]).to(acc)) / b
+    safe, valid = _safe_labels(labels_lb, z_l.shape[1])
+    nll = torch.where(valid, -logp_l.gather(1, safe[:, None])[:, 0], float("nan"))
+    loss_sup = nll.mean()
+    grad_lb = (logp_l.exp() - F.one_hot(safe, z_l.shape[1]).to(acc)) / b
+    grad_lb = torch.where(valid[:, None], grad_lb, float("nan"))
 
     # weak rows: pw, M, yhat, prior sum
     pw = torch.softmax(z_w, dim=-1)

@@ -1,6 +1,6 @@
 """The fused ADELLO step as `torch.library` ops: one schema, one fake, one autograd, several kernels.
 
-Schema (shared by every fused backend; SPEC.md sections 2-3):
+Schema (shared by every fused backend; docs/contract.md, Op schemas):
 
     flexda_fwd(Tensor logits_lb,      [B, C] fp32/bf16/fp16/fp64
                Tensor labels_lb,      [B]    int64 in [0, C)
@@ -23,7 +23,7 @@ step-dependent gate or a frozen temperature never needs a host sync. When distil
 distillation term is skipped (terms[2] = 0 and it adds nothing to the gradient).
 
 Because every normaliser (1/B, 1/N) is static, the forward writes the gradients of `loss`, and the
-backward only scales them by the incoming grad (SPEC.md section 2). The other outputs are
+backward only scales them by the incoming grad (docs/method.md, Gradients). The other outputs are
 non-differentiable.
 
 Ops sharing the schema:
@@ -40,6 +40,13 @@ SCHEMA = ("(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, Tensor logi
           "Tensor grad_lb, Tensor grad_ulb_s)")
 
 OP_NAMES = ("flexda_fwd", "flexda_fwd_triton")
+
+# The slots of `hparams`, named once for every backend (the C++/CUDA kernels read the same layout
+# from csrc/adello_hparams.h; tests/test_ops.py checks that the two agree).
+HP_LAMBDA_U, HP_LAMBDA_D, HP_GATE, HP_TEMPERATURE = 0, 1, 2, 3
+NUM_HPARAMS = 4
+HPARAM_SLOTS = {"lambda_u": HP_LAMBDA_U, "lambda_d": HP_LAMBDA_D, "gate": HP_GATE,
+                "temperature": HP_TEMPERATURE}
 
 _lib = torch.library.Library("adello", "DEF")  # noqa: kept alive for the process
 for _name in OP_NAMES:

@@ -4,8 +4,11 @@ Why an op and not `Tensor.clone`: under `torch.compile`, AOTAutograd's min-cut p
 recompute cheap values for the backward (e.g. the logit adjustment built from `prior_ulb` and
 `step`) from the module's buffers, which by then hold this step's *updated* prior and step, so the
 reference backend's gradients come out wrong (seen with torch 2.13 / inductor). A clone is
-recomputed too; a custom op is not, so its output is saved as it was in the forward. The fused
-backends need no snapshot: their backward only scales gradients saved by the forward.
+recomputed too; a custom op is not, so its output is saved as it was in the forward. A fused
+step's own backward only scales gradients saved by the forward, but the imbalance-aware
+temperature's pre-pass reads the prior that the fused step op then updates in place, and a
+compiled graph gave it the updated one (seen with torch 2.13): compiled steps snapshot the state
+for every backend.
 """
 from __future__ import annotations
 

@@ -1,15 +1,18 @@
-"""`adello::flexda_step`: a whole `ADELLOLoss` forward on the CPU as one op, its autograd in C++.
+"""`adello::flexda_step`: one whole `ADELLOLoss` training step as one op, for every fused backend.
 
-    flexda_step(Tensor logits_lb,    [B, C] fp32/bf16/fp16/fp64
-                Tensor labels_lb,    [B]    int64 in [0, C)
-                Tensor logits_ulb_w, [N, C] same dtype as logits_lb
-                Tensor logits_ulb_s, [N, C] same dtype as logits_lb
-                Tensor prior_lb,     [C]    P_L (float)
-                Tensor prior_ulb,    [C]    Q_{t-1} (float), read only
-                Tensor step,         0-d    int64 t
-                Tensor temperature,  0-d    float T
+    flexda_step(Tensor logits_lb,          [B, C] fp32/bf16/fp16/fp64
+                Tensor labels_lb,          [B]    int64 (outside [0, C): that row is NaN, below)
+                Tensor logits_ulb_w,       [N, C] same dtype as logits_lb
+                Tensor logits_ulb_s,       [N, C] same dtype as logits_lb
+                Tensor prior_lb,           [C]    fp32 P_L
+                Tensor(a!) prior_ulb,      [C]    fp32 Q_{t-1}; Q_t on return when `update`
+                Tensor(b!) step,           0-d    int64 t; t + 1 on return when `update`
+                Tensor(c!) skipped_updates,0-d    int64; + 1 when `update` and the batch prior
+                                                  is not finite (Q is then left unchanged)
+                Tensor temperature,        0-d    float T (read only)
                 int total_steps, float alpha_min, float power, int distill_start,
-                float lambda_u, float lambda_d, float eps, bool flexda, float threshold)
+                float lambda_u, float lambda_d, float eps, bool flexda, float threshold,
+                float prior_momentum, bool update)
       -> (Tensor loss,            0-d    acc: L_s + lambda_u L_u + [t >= t0] lambda_d L_d
           Tensor loss_sup,        0-d    acc: L_s
           Tensor loss_unsup,      0-d    acc: L_u
@@ -20,37 +23,68 @@
           Tensor grad_lb,         [B, C] logits dtype: dloss/dlogits_lb
           Tensor grad_ulb_s)      [N, C] logits dtype: dloss/dlogits_ulb_s
 
-It is `adello_prepare` (ops/state.py: alpha_t, ds, du, hparams) followed by `flexda_fwd`
-(ops/flexda.py) in one call, with the same outputs split into separate 0-d loss terms. Why a
-separate op: at CIFAR shapes the fused kernel takes ~50 us on a 2-core CPU, and the Python glue
-of a prologue op, an autograd.Function (Python forward and backward) and the packaging of its
-outputs cost more than that. Here everything runs in C++ (csrc/cpu/flexda_step_cpu.cpp): the CPU
-kernel, and an AutogradCPU kernel (a torch::autograd::Function) whose backward scales the saved
-gradients by the incoming grad without entering Python. Only `loss` is differentiable.
+What one call does, in order (the math: docs/method.md; the contract: docs/contract.md):
 
-CPU only: `ADELLOLoss(backend="cpu")` calls it; the other fused backends keep the prologue op and
-the Python autograd of ops/flexda.py. Its fake (below) makes it traceable by torch.compile, which
-differentiates through the C++ autograd kernel.
+1. Prologue, from the state as it is on entry (Q_{t-1}, t): alpha_t = alpha_schedule(t), then
+   ds = log(P_L + eps) - log(Qa + eps), du = log(Q + eps) - log(Qa + eps) with
+   Qa = Q^alpha_t / sum(Q^alpha_t), computed in float64 and rounded once to the acc dtype
+   (both 0 when `flexda` is off); the distillation gate [t >= distill_start]; T.
+2. The fused rows (as adello::flexda_fwd, ops/flexda.py) and the fixed-order reduce.
+3. Epilogue, only when `update`: Q <- m Q + (1 - m) prior_batch unless prior_batch has a
+   non-finite entry (then skipped_updates += 1); step += 1. Every read of the state in 1-2
+   happens before this write. `update=False` (used when the batch prior is all-reduced across
+   ranks first) leaves all three state tensors untouched.
+
+acc dtype: fp64 for fp64 logits, fp32 otherwise. Everything is decided on the device: no host
+sync, no data-dependent shape, capturable in a CUDA graph.
+
+Labels outside [0, C) are not checked here (validation is the caller's, and costs a host sync
+on a GPU): every backend gives that labeled row a NaN cross-entropy and a NaN gradient row, so
+`loss` and `loss_sup` are NaN, and the other rows are unaffected.
+
+Only `loss` is differentiable. Since every normaliser is static, the forward writes the
+gradients of `loss`; the backward only multiplies them by the incoming grad. With a plain eager
+incoming grad and a graph that is not retained, the saved gradients are scaled in place by
+`adello::scale_grads_` (one launch for both on a GPU, which returns at once when the grad is
+exactly 1) and handed on as the input gradients; with retain_graph, or under tracing, the
+product is a fresh tensor. A backward with create_graph=True raises (first-order only).
+
+Ops sharing the schema:
+    adello::flexda_step         CPU kernel (csrc/cpu/flexda_step_cpu.cpp) and CUDA kernel
+                                (csrc/cuda/), both from adello_kernels._C, autograd in C++
+                                (csrc/flexda_step_autograd.cpp)
+    adello::flexda_step_triton  Triton kernels (adello_kernels/ops/flexda_triton.py)
+
+    scale_grads_(Tensor(a!) grad_lb, Tensor(b!) grad_ulb_s, Tensor grad_loss) -> ()
+        grad_lb *= grad_loss and grad_ulb_s *= grad_loss in place (grad_loss: 0-d, on the same
+        device; a tensor with no elements is skipped). CPU and CUDA kernels from _C.
 """
 from __future__ import annotations
 
 import torch
 
+SCHEMA = (
+    "(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, Tensor logits_ulb_s, "
+    "Tensor prior_lb, Tensor(a!) prior_ulb, Tensor(b!) step, Tensor(c!) skipped_updates, "
+    "Tensor temperature, int total_steps, float alpha_min, float power, int distill_start, "
+    "float lambda_u, float lambda_d, float eps, bool flexda, float threshold, "
+    "float prior_momentum, bool update) -> (Tensor loss, Tensor loss_sup, Tensor loss_unsup, "
+    "Tensor loss_distill, Tensor mask, Tensor pseudo_labels, Tensor prior_batch, "
+    "Tensor grad_lb, Tensor grad_ulb_s)")
+STEP_OP_NAMES = ("flexda_step", "flexda_step_triton")
+
 _lib = torch.library.Library("adello", "FRAGMENT")  # noqa: kept alive for the process
-_lib.define(
-    "flexda_step(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, Tensor logits_ulb_s, "
-    "Tensor prior_lb, Tensor prior_ulb, Tensor step, Tensor temperature, int total_steps, "
-    "float alpha_min, float power, int distill_start, float lambda_u, float lambda_d, float eps, "
-    "bool flexda, float threshold) -> (Tensor loss, Tensor loss_sup, Tensor loss_unsup, "
-    "Tensor loss_distill, Tensor mask, Tensor pseudo_labels, Tensor prior_batch, Tensor grad_lb, "
-    "Tensor grad_ulb_s)")
+for _name in STEP_OP_NAMES:
+    _lib.define(_name + SCHEMA)
+_lib.define("scale_grads_(Tensor(a!) grad_lb, Tensor(b!) grad_ulb_s, Tensor grad_loss) -> ()")
+
 flexda_step = torch.ops.adello.flexda_step.default
+scale_grads_ = torch.ops.adello.scale_grads_.default
 
 
-@torch.library.register_fake("adello::flexda_step")
 def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
-          temperature, total_steps, alpha_min, power, distill_start, lambda_u, lambda_d, eps,
-          flexda, threshold):
+          skipped_updates, temperature, total_steps, alpha_min, power, distill_start, lambda_u,
+          lambda_d, eps, flexda, threshold, prior_momentum, update):
     acc = torch.float64 if logits_lb.dtype == torch.float64 else torch.float32
     n, c = logits_ulb_w.shape
     new = logits_lb.new_empty
@@ -58,3 +92,12 @@ def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
             new((n,), dtype=acc), new((n,), dtype=torch.int64), new((c,), dtype=acc),
             torch.empty_like(logits_lb, memory_format=torch.contiguous_format),
             torch.empty_like(logits_ulb_s, memory_format=torch.contiguous_format))
+
+
+for _name in STEP_OP_NAMES:
+    torch.library.register_fake("adello::" + _name)(_fake)
+
+
+@torch.library.register_fake("adello::scale_grads_")
+def _(grad_lb, grad_ulb_s, grad_loss):
+    return None

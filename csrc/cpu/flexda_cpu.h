@@ -2,7 +2,7 @@
 //
 // The C++ entry point, callable without Python (the C++ smoke test does). The op schema is defined
 // in adello_kernels/ops/flexda.py; csrc/cpu/flexda_cpu.cpp registers this function as its CPU
-// kernel. Arguments and results are those of the schema (SPEC.md sections 1-3):
+// kernel. Arguments and results are those of the schema (docs/contract.md):
 //
 //   logits_lb [B, C], labels_lb [B] int64, logits_ulb_w [N, C], logits_ulb_s [N, C]
 //     (fp32, bf16, fp16 or fp64, all three logits the same dtype; any strides)
@@ -15,6 +15,8 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+
+#include "../adello_hparams.h"
 
 namespace adello {
 
@@ -29,18 +31,23 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
 // =default selects the narrower code), limited to what this build compiled.
 const char* flexda_cpu_isa();
 
-// The logit adjustments ds = adj_lb, du = adj_ulb of SPEC.md section 1 for alpha, in double, with
+// The logit adjustments ds = adj_lb, du = adj_ulb of docs/method.md for alpha, in double, with
 // the build's widest instruction set ([C] each; workspace: [C] scratch).
 void flexda_cpu_adjustments(const double* prior_lb, const double* prior_ulb, int64_t C,
                             double alpha, double eps, double* workspace, double* adj_lb,
                             double* adj_ulb);
 
-// adello::adello_prepare's CPU kernel (csrc/cpu/adello_prepare_cpu.cpp): the O(C) prologue of a
-// step, (adj_lb, adj_ulb, hparams) in `dtype`; adello::flexda_step calls it before the kernel.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
+// The O(C) prologue of adello::flexda_step (csrc/cpu/step_prologue_cpu.cpp): alpha_t from the
+// step, then (adj_lb, adj_ulb, hparams) in `dtype` (ds, du computed in double, rounded once).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     const at::Tensor& prior_lb, const at::Tensor& prior_ulb, const at::Tensor& step,
     const at::Tensor& temperature, int64_t total_steps, double alpha_min, double power,
     int64_t distill_start, double lambda_u, double lambda_d, double eps, bool flexda,
     at::ScalarType dtype);
+
+// The epilogue of adello::flexda_step (csrc/cpu/step_epilogue_cpu.cpp), in place: Q <- m Q +
+// (1 - m) prior_batch unless prior_batch is not finite (then skipped_updates += 1); step += 1.
+void step_epilogue_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skipped_updates,
+                       const at::Tensor& prior_batch, double momentum);
 
 }  // namespace adello

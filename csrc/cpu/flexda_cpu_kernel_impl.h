@@ -2,7 +2,7 @@
 // once per instruction set (see flexda_cpu_kernel.h). Include only from an ISA translation unit,
 // after defining FLEXDA_CPU_ISA (the namespace name) and including <ATen/cpu/vec/vec.h>.
 //
-// What one call computes (SPEC.md sections 1-3; acc = float, or double for double logits):
+// What one call computes (docs/method.md; acc = float, or double for double logits):
 //
 //   labeled row b, x = z_l[b] + ds:
 //     L_s += lse(x) - x[y_b]                                     (divided by B at the end)
@@ -470,7 +470,7 @@ inline void fill_row(scalar_t* dst, int64_t C, bool nan) {
 
 template <typename scalar_t, bool kStream>
 struct Kernel {
-  // acc dtype: fp64 for fp64 logits, fp32 for fp32/bf16/fp16 (SPEC.md section 6).
+  // acc dtype: fp64 for fp64 logits, fp32 for fp32/bf16/fp16 (docs/contract.md, Dtypes).
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   // fp32/fp64 rows are read in place and gradients written straight from the registers;
   // bf16/fp16 go through fp32 scratch rows.
@@ -563,6 +563,10 @@ struct Kernel {
       z = sc.zin;
     }
     const int64_t y = labels[b];
+    if (y < 0 || y >= C) {  // unvalidated bad label: a NaN row on every backend (docs/contract.md)
+      fill_row(grow, C, true);
+      return nan_value<acc_t>();
+    }
     const ArgMax am = row_argmax<true>(z, ds, C);
     const int64_t k = am.k;
     acc_t t = nan_value<acc_t>();
@@ -809,7 +813,7 @@ void run_kernel(const Args& args) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The logit adjustments of a step (adello_prepare; SPEC.md section 1), in double:
+// The logit adjustments of a step (docs/method.md, Per-step adjustments), in double:
 //   qa_c = Q_c ** alpha / sum_j Q_j ** alpha      (0 ** 0 = 1, as torch.pow)
 //   ds_c = log(P_L,c + eps) - log(qa_c + eps),    du_c = log(Q_c + eps) - log(qa_c + eps)
 // Vectorised with at::vec (Sleef's 1-ulp pow and log in the AVX2/AVX-512 builds): one pow and

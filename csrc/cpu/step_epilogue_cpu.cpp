@@ -1,5 +1,5 @@
-// adello::adello_update_ for the CPU dispatch key: the O(C) epilogue of one ADELLOLoss step, in
-// place (schema and the PyTorch implementation for other devices: adello_kernels/ops/state.py).
+// The O(C) epilogue of adello::flexda_step on the CPU (csrc/cpu/flexda_step_cpu.cpp calls it
+// after the row kernel when `update`), in place; the same update as ops/state.py update_prior_.
 //
 //   ok   = all(isfinite(prior_batch))
 //   Q_t  = ok ? m * Q_{t-1} + (1 - m) * prior_batch : Q_{t-1}     (a non-finite step is skipped)
@@ -8,25 +8,25 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
+#include "flexda_cpu.h"
 
 namespace adello {
 
-void adello_update_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skipped_updates,
+void step_epilogue_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skipped_updates,
                        const at::Tensor& prior_batch, double momentum) {
   TORCH_CHECK(prior_ulb.device().is_cpu() && prior_ulb.dim() == 1 && prior_ulb.is_contiguous(),
-              "adello_update_: prior_ulb must be a contiguous 1-d CPU tensor");
+              "flexda_step: prior_ulb must be a contiguous 1-d CPU tensor");
   TORCH_CHECK(prior_batch.device().is_cpu() && prior_batch.sizes() == prior_ulb.sizes(),
-              "adello_update_: prior_batch must be a CPU tensor shaped like prior_ulb");
+              "flexda_step: prior_batch must be a CPU tensor shaped like prior_ulb");
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong &&
                   skipped_updates.numel() == 1 && skipped_updates.scalar_type() == at::kLong,
-              "adello_update_: step and skipped_updates must be 0-d int64 tensors");
+              "flexda_step: step and skipped_updates must be 0-d int64 tensors");
   const at::Tensor pb = prior_batch.contiguous();
   const int64_t c = prior_ulb.numel();
-  AT_DISPATCH_FLOATING_TYPES(prior_ulb.scalar_type(), "adello_update_", [&] {
+  AT_DISPATCH_FLOATING_TYPES(prior_ulb.scalar_type(), "flexda_step_epilogue", [&] {
     using q_t = scalar_t;
     q_t* q = prior_ulb.data_ptr<q_t>();
-    AT_DISPATCH_FLOATING_TYPES(pb.scalar_type(), "adello_update_", [&] {
+    AT_DISPATCH_FLOATING_TYPES(pb.scalar_type(), "flexda_step_epilogue", [&] {
       const scalar_t* p = pb.data_ptr<scalar_t>();
       bool ok = true;
       for (int64_t i = 0; i < c; ++i) ok = ok && std::isfinite(static_cast<double>(p[i]));
@@ -42,8 +42,5 @@ void adello_update_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skip
   step.data_ptr<int64_t>()[0] += 1;
 }
 
-TORCH_LIBRARY_IMPL(adello, CPU, m) {
-  m.impl("adello_update_", &adello_update_cpu);
-}
 
 }  // namespace adello

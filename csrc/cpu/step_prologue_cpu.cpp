@@ -1,7 +1,7 @@
-// adello::adello_prepare for the CPU dispatch key: the O(C) prologue of one ADELLOLoss step in a
-// single call (the schema and a PyTorch implementation used on other devices live in
-// adello_kernels/ops/state.py). At the small shapes of CIFAR training the fused row kernel takes
-// tens of microseconds, so the ~25 small tensor ops this replaces would otherwise dominate a step.
+// The O(C) prologue of adello::flexda_step on the CPU (csrc/cpu/flexda_step_cpu.cpp calls it
+// before the row kernel; the op: adello_kernels/ops/step.py). At the small shapes of CIFAR
+// training the fused row kernel takes tens of microseconds, so doing this with ~25 small tensor
+// ops would dominate a step.
 //
 //   alpha_t = 1 - (1 - alpha_min) * clamp(t / T_max, 0, 1) ** power
 //   Qa      = Q ** alpha_t / sum(Q ** alpha_t)                (0 ** 0 = 1, as torch.pow)
@@ -18,7 +18,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "flexda_cpu.h"
 
@@ -27,9 +26,9 @@ namespace {
 
 // x (a 1-d CPU float tensor) as doubles, into out[0, numel).
 void read_doubles(const at::Tensor& x, const char* name, double* out) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1, "adello_prepare: ", name,
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 1, "flexda_step: ", name,
               " must be a 1-d CPU tensor, got ", x.sizes(), " on ", x.device());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adello_prepare", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flexda_step_prologue", [&] {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     const int64_t stride = x.stride(0);
     for (int64_t i = 0; i < x.numel(); ++i) out[i] = static_cast<double>(p[i * stride]);
@@ -39,7 +38,7 @@ void read_doubles(const at::Tensor& x, const char* name, double* out) {
 // The value of a 0-d (or one-element) CPU tensor, read in place (no dispatcher call).
 double read_scalar(const at::Tensor& x) {
   double v = 0.0;
-  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "adello_prepare", [&] {
+  AT_DISPATCH_ALL_TYPES(x.scalar_type(), "flexda_step_prologue", [&] {
     v = static_cast<double>(*x.const_data_ptr<scalar_t>());
   });
   return v;
@@ -47,26 +46,26 @@ double read_scalar(const at::Tensor& x) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     const at::Tensor& prior_lb, const at::Tensor& prior_ulb, const at::Tensor& step,
     const at::Tensor& temperature, int64_t total_steps, double alpha_min, double power,
     int64_t distill_start, double lambda_u, double lambda_d, double eps, bool flexda,
     at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "adello_prepare: dtype must be float32 or float64, got ", dtype);
-  TORCH_CHECK(total_steps > 0, "adello_prepare: total_steps must be positive");
+              "flexda_step: dtype must be float32 or float64, got ", dtype);
+  TORCH_CHECK(total_steps > 0, "flexda_step: total_steps must be positive");
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong && step.device().is_cpu(),
-              "adello_prepare: step must be a 0-d int64 CPU tensor");
+              "flexda_step: step must be a 0-d int64 CPU tensor");
   TORCH_CHECK(temperature.numel() == 1 && temperature.device().is_cpu(),
-              "adello_prepare: temperature must be a 0-d CPU tensor");
+              "flexda_step: temperature must be a 0-d CPU tensor");
   const int64_t c = prior_ulb.numel();
-  TORCH_CHECK(prior_lb.numel() == c, "adello_prepare: prior_lb has ", prior_lb.numel(),
+  TORCH_CHECK(prior_lb.numel() == c, "flexda_step: prior_lb has ", prior_lb.numel(),
               " classes but prior_ulb has ", c);
   const int64_t t = *step.const_data_ptr<int64_t>();
   const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
   at::Tensor adj_lb = at::empty({c}, opts);
   at::Tensor adj_ulb = at::empty({c}, opts);
-  at::Tensor hparams = at::empty({4}, opts);
+  at::Tensor hparams = at::empty({kNumHParams}, opts);
 
   // P_L, Q, a workspace and ds, du in double, rounded once into the outputs.
   std::vector<double> buf(flexda ? 5 * c : 0);
@@ -78,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
     const double alpha = 1.0 - (1.0 - alpha_min) * std::pow(frac, power);
     flexda_cpu_adjustments(p_l, q, c, alpha, eps, work, ds, du);
   }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "adello_prepare", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "flexda_step_prologue", [&] {
     scalar_t* ds = adj_lb.data_ptr<scalar_t>();
     scalar_t* du = adj_ulb.data_ptr<scalar_t>();
     if (flexda) {
@@ -89,16 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adello_prepare_cpu(
       std::fill(du, du + c, scalar_t(0));
     }
     scalar_t* hp = hparams.data_ptr<scalar_t>();
-    hp[0] = static_cast<scalar_t>(lambda_u);
-    hp[1] = static_cast<scalar_t>(lambda_d);
-    hp[2] = t >= distill_start ? scalar_t(1) : scalar_t(0);
-    hp[3] = static_cast<scalar_t>(read_scalar(temperature));
+    hp[kHpLambdaU] = static_cast<scalar_t>(lambda_u);
+    hp[kHpLambdaD] = static_cast<scalar_t>(lambda_d);
+    hp[kHpGate] = t >= distill_start ? scalar_t(1) : scalar_t(0);
+    hp[kHpTemperature] = static_cast<scalar_t>(read_scalar(temperature));
   });
   return {adj_lb, adj_ulb, hparams};
-}
-
-TORCH_LIBRARY_IMPL(adello, CPU, m) {
-  m.impl("adello_prepare", &adello_prepare_cpu);
 }
 
 }  // namespace adello
