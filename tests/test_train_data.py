@@ -264,7 +264,7 @@ def test_download_verifies_and_uses_a_good_file(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-# Long-tailed splits (SPEC.md section 8)
+# Long-tailed splits (docs/training.md, Long-tailed splits)
 # ------------------------------------------------------------------------------------------
 
 def test_long_tail_counts_hand_computed():

@@ -1,7 +1,7 @@
 """End-to-end runs of `python -m adello_kernels.train` on a tiny fake Fashion-MNIST written in
 the real idx format: a 30-step run writes every file; kill -9 mid-run + --resume equals the
 uninterrupted run; two torchrun/gloo processes match one process with the same global batch;
-bad checkpoints and configurations fail loudly; presets carry the spec's hyperparameters."""
+bad checkpoints and configurations fail loudly; presets carry the released hyperparameters."""
 import json
 import os
 import signal
@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 import yaml
+from test_train_data import write_fmnist
 
 from adello_kernels.train import cli, config, trainer
 from adello_kernels.train.models import SyncBatchNorm2d, build_model
-from test_train_data import write_fmnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,6 +132,12 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(full_run, data_root, tm
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(data_root, tmp_path):
+    """What K processes guarantee: the same batches, augmentations, mask / pseudo-label
+    decisions and prior updates as one process, with sums taken in another order. The weights
+    then agree to rounding (about 1e-7 per step here) until a decision near a tie (a
+    confidence at tau) flips, after which the two runs drift apart like any two runs with
+    different rounding (benchmarks/ddp_equivalence.py: within 1e-5 for 11 steps on this data,
+    1.2e-3 after 20, 3e-2 after 40). Six steps stay well inside that horizon."""
     extra = ("--sync-bn",)
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(steps=6, extra=extra)
@@ -147,8 +153,10 @@ def test_two_gloo_processes_match_one_process(data_root, tmp_path):
     log1, log2 = _jsonl(one / "train_log.jsonl"), _jsonl(two / "train_log.jsonl")
     assert [r["step"] for r in log1] == [r["step"] for r in log2] == list(range(1, 7))
     for a, b in zip(log1, log2):
-        for key in ("loss", "loss_sup", "loss_unsup", "loss_distill", "mask_ratio"):
+        for key in ("loss", "loss_sup", "loss_unsup", "loss_distill"):
             assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+        assert a["mask_ratio"] == b["mask_ratio"], a["step"]     # the same decisions
+        assert a["nonfinite_steps"] == b["nonfinite_steps"] == 0
         assert max(abs(x - y) for x, y in zip(a["prior_ulb"], b["prior_ulb"])) <= 1e-5
     assert any(0 < r["mask_ratio"] < 1 for r in log1)
     c1, c2 = _ckpt(one), _ckpt(two)
@@ -156,7 +164,7 @@ def test_two_gloo_processes_match_one_process(data_root, tmp_path):
     assert torch.allclose(c1["criterion"]["prior_ulb"], c2["criterion"]["prior_ulb"], atol=1e-5)
     for k, v in c1["model"].items():
         if v.is_floating_point():
-            assert torch.allclose(v, c2["model"][k], atol=1e-4), k
+            assert torch.allclose(v, c2["model"][k], rtol=0, atol=1e-5), k
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,9 +202,12 @@ def test_resume_with_conflicting_flag_or_without_checkpoint(full_run, tmp_path, 
     run = _copy_run(full_run[0], tmp_path)
     assert cli.main(["--resume", str(run), "--steps", "99"]) == 2
     assert "differs" in capsys.readouterr().err
+    # Without a checkpoint (deleted, or the run died before its first evaluation) the run
+    # starts again from step 0 with its saved configuration.
     (run / "checkpoints" / "last.pt").unlink()
-    assert cli.main(["--resume", str(run), "--no-progress"]) == 1
-    assert "no checkpoint" in capsys.readouterr().err
+    assert cli.main(["--resume", str(run), "--no-progress"]) == 0
+    assert "starting it from step 0" in capsys.readouterr().out
+    assert _ckpt(run)["step"] == 30
     assert cli.main(["--resume", str(tmp_path / "nowhere")]) == 2
 
 

@@ -6,5 +6,6 @@
 
 Modules: cli (flags), config (defaults < preset < flags), data (readers, splits, device data),
 augment (batched weak/strong views), models, trainer (the loop), metrics, report, checkpoint,
+rundir (claiming a run directory),
 prepare (dataset preparation).
 """

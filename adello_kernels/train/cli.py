@@ -11,17 +11,7 @@ import yaml
 from . import config as config_mod
 
 # flag -> config key; flags left unset (None) keep the preset's value.
-FLAGS = {
-    "algorithm": "algorithm", "gamma_l": "gamma_l", "gamma_u": "gamma_u", "n1": "n1",
-    "m1": "m1", "steps": "steps", "batch_size": "batch_size", "mu": "mu", "seed": "seed",
-    "split_seed": "split_seed", "device": "device", "amp": "amp", "compile": "compile",
-    "backend": "backend", "data_root": "data_root", "download": "download",
-    "eval_every": "eval_every", "log_every": "log_every", "eval_batch_size": "eval_batch_size",
-    "deterministic": "deterministic", "sync_bn": "sync_bn", "lr": "lr", "ema": "ema",
-    "threshold": "threshold", "distill_start": "distill_start", "temperature": "temperature",
-    "prior_momentum": "prior_momentum", "time_limit": "time_limit", "model": "model",
-    "model_width": "model_width", "progress": "progress",
-}
+FLAGS = {key: key for key in config_mod.FLAG_KEYS}
 
 EPILOG = """examples:
   python -m adello_kernels.train                                  # ADELLO, Fashion-MNIST-LT, CPU
@@ -84,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of training after which the run evaluates and stops (0: none)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"),
+                   help="a non-finite loss or state: stop (default: exit 3, the last good "
+                        "checkpoint kept) or skip (updates with a non-finite gradient are not "
+                        "applied; the run goes on)")
+    g.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="DDP: how long a collective waits for the other ranks before the run "
+                        "fails and names the ranks that stalled (default 600)")
     g.add_argument("--out", help="run directory (default runs/<preset>-<algorithm>-<time>)")
     g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint")
@@ -104,22 +101,46 @@ def _overrides(args) -> dict:
     return out
 
 
+def _read_run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.isfile(run_dir):
+        raise config_mod.ConfigError(f"--resume: {run_dir} is a file, not a run directory")
+    if not os.path.isfile(path):
+        raise config_mod.ConfigError(f"--resume: {path} not found (not a run directory)")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise config_mod.ConfigError(f"--resume: {path} is not valid YAML ({exc}); restore it "
+                                     "or start a new run") from None
+    except OSError as exc:
+        raise config_mod.ConfigError(f"--resume: cannot read {path}: {exc.strerror}") from None
+    if not isinstance(cfg, dict) or "preset" not in cfg:
+        raise config_mod.ConfigError(f"--resume: {path} is not a run configuration")
+    unknown = sorted(set(cfg) - set(config_mod.DEFAULTS) - {"preset"})
+    if unknown:
+        raise config_mod.ConfigError(f"--resume: {path} has unknown keys {unknown}")
+    return cfg
+
+
 def resolve(args) -> tuple[dict, str, bool]:
-    """(config, run directory, resume?) from the parsed flags."""
+    """(config, run directory, resume?) from the parsed flags. Every value is validated here,
+    before any data is read."""
     over = _overrides(args)
     if args.resume:
         run_dir = args.resume
-        path = os.path.join(run_dir, "config.yaml")
-        if not os.path.isfile(path):
-            raise config_mod.ConfigError(f"--resume: {path} not found (not a run directory)")
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-        if not isinstance(cfg, dict) or "preset" not in cfg:
-            raise config_mod.ConfigError(f"--resume: {path} is not a run configuration")
+        if args.out and os.path.realpath(args.out) != os.path.realpath(run_dir):
+            raise config_mod.ConfigError(
+                f"--out {args.out} with --resume {run_dir}: a resumed run writes into its own "
+                "directory; drop --out (or copy the run directory first and resume the copy)")
+        cfg = _read_run_config(run_dir)
         if args.preset and args.preset != cfg["preset"]:
             raise config_mod.ConfigError(f"--resume: the run used preset {cfg['preset']!r}, "
                                          f"not {args.preset!r}")
-        cfg = config_mod.validate({**config_mod.DEFAULTS, **cfg})
+        try:
+            cfg = config_mod.validate({**config_mod.DEFAULTS, **cfg})
+        except config_mod.ConfigError as exc:
+            raise config_mod.ConfigError(f"--resume: {run_dir}/config.yaml: {exc}") from None
         for key, value in over.items():
             if key in config_mod.RUNTIME_KEYS:
                 cfg[key] = value
@@ -127,32 +148,35 @@ def resolve(args) -> tuple[dict, str, bool]:
             new = config_mod.validate({**cfg, key: value})[key]
             if new != cfg[key]:
                 raise config_mod.ConfigError(
-                    f"--resume: {key} = {value!r} differs from the run's {cfg[key]!r}; a resumed "
-                    "run continues with its saved configuration")
+                    f"--resume: {config_mod.flag(key)} = {value!r} differs from the run's "
+                    f"{cfg[key]!r}; a resumed run continues with its saved configuration")
         return config_mod.validate(cfg), run_dir, True
     cfg = config_mod.load_preset(args.preset or "fmnist-lt")
     cfg.update(over)
     cfg = config_mod.validate(cfg)
     if args.out:
         run_dir = args.out
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise config_mod.ConfigError(f"--out: {run_dir} exists and is not a directory; "
+                                         "choose another --out")
         # Under torchrun only rank 0 writes the run directory; the others must not find it.
         if int(os.environ.get("RANK", "0")) == 0 and \
                 os.path.exists(os.path.join(run_dir, "config.yaml")):
             raise config_mod.ConfigError(f"--out: {run_dir} already holds a run; use --resume "
                                          f"{run_dir} to continue it or choose another --out")
     else:
+        # The name is only proposed here; `rundir.claim` creates it exclusively (a second
+        # launch within the same second gets the next free suffix).
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = os.path.join("runs", f"{cfg['preset']}-{cfg['algorithm']}-{stamp}")
-        i = 1
-        while os.path.exists(run_dir):
-            run_dir = os.path.join("runs", f"{cfg['preset']}-{cfg['algorithm']}-{stamp}-{i}")
-            i += 1
     return cfg, run_dir, False
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import checkpoint, data as data_mod
+    from . import checkpoint, rundir
+    from . import data as data_mod
+    from .trainer import DistFailure, Diverged
     try:
         cfg, run_dir, resume = resolve(args)
     except config_mod.ConfigError as exc:
@@ -160,12 +184,18 @@ def main(argv=None) -> int:
         return 2
     from .trainer import Trainer, final_table
     trainer = None
+    claim = None
     try:
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        if main_rank:
+            # Claimed (created exclusively / locked) before any work, so two launches can
+            # never share a run directory; config.yaml is written at once, so a crash while
+            # the data loads still leaves a directory that `--resume` continues from step 0.
+            claim = rundir.claim(run_dir, resume=resume, explicit=bool(args.out or resume))
+            run_dir = claim.path
+            if not resume:
+                claim.write_config(cfg)
         trainer = Trainer(cfg, run_dir, resume=resume)  # data, model, backend: errors come here
-        if trainer.dist.main and not resume:
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False)
         if trainer.dist.main:
             s = trainer.split
             print(f"{cfg['algorithm']} on {cfg['preset']}: {len(s.lb_idx)} labeled / "
@@ -173,14 +203,31 @@ def main(argv=None) -> int:
                   f"{cfg['model']}, {cfg['steps']} steps, device {trainer.device} x "
                   f"{trainer.dist.world}, loss backend {trainer.backend}"
                   + (f", resuming at step {trainer.step}" if resume else ""), flush=True)
+            if resume and trainer.resumed_from is None:
+                print(f"{run_dir} holds no checkpoint yet (the run stopped before its first "
+                      "evaluation): starting it from step 0 with its saved configuration",
+                      flush=True)
             print(f"run directory: {run_dir}", flush=True)
         summary = trainer.run()
         if summary is not None:
             print(final_table(summary, run_dir), flush=True)
-    except (ValueError, data_mod.DataError, checkpoint.CheckpointError) as exc:
+    except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, data_mod.DataError, checkpoint.CheckpointError, DistFailure) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        kept = trainer.kept_text() if trainer is not None else "nothing was written"
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write{where}: {exc.strerror or exc} ({kept})", file=sys.stderr)
         return 1
     finally:
         if trainer is not None:
             trainer.dist.close()
+        if claim is not None:
+            claim.release()
     return 0

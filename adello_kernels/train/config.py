@@ -39,12 +39,28 @@ DEFAULTS = {
     # runtime
     "seed": 0, "device": "auto", "amp": "none", "compile": False, "backend": "auto",
     "deterministic": False, "time_limit": 0.0, "progress": True, "download": False,
+    # reliability
+    "on_nonfinite": "stop",      # stop | skip (see the training driver's README section)
+    "dist_timeout": 600.0,       # seconds a DDP collective may wait for the other ranks
 }
+
+# Keys with a command-line flag of their own (--key-with-dashes; progress is --no-progress).
+FLAG_KEYS = ("algorithm", "gamma_l", "gamma_u", "n1", "m1", "steps", "batch_size", "mu", "seed",
+             "split_seed", "device", "amp", "compile", "backend", "data_root", "download",
+             "eval_every", "log_every", "eval_batch_size", "deterministic", "sync_bn", "lr",
+             "ema", "threshold", "distill_start", "temperature", "prior_momentum", "time_limit",
+             "model", "model_width", "progress", "on_nonfinite", "dist_timeout")
+MODELS = ("cnn", "wrn28_2", "resnet50")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+# The splits each dataset's reader supports (any other would be silently meaningless).
+DATASET_SPLITS = {"fmnist": ("long_tail", "fraction"), "cifar10": ("long_tail", "fraction"),
+                  "cifar100": ("long_tail", "fraction"), "stl10": ("stl10",),
+                  "imagenet127": ("fraction",)}
 
 # Keys that do not change the computation: excluded from the digest a checkpoint is matched on,
 # so a resumed run may change them.
 RUNTIME_KEYS = ("data_root", "eval_batch_size", "device", "compile", "time_limit", "progress",
-                "download")
+                "download", "dist_timeout")
 
 
 class ConfigError(ValueError):
@@ -70,57 +86,134 @@ def load_preset(name: str) -> dict:
     return cfg
 
 
-def validate(cfg: dict) -> dict:
-    """Type-normalise and check a configuration in place; returns it."""
-    ints = ("n1", "m1", "steps", "batch_size", "mu", "eval_every", "log_every",
-            "eval_batch_size", "seed", "distill_start", "model_width")
-    for k in ints:
-        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int):
-            try:
-                if float(cfg[k]) != int(float(cfg[k])):
-                    raise ValueError
-                cfg[k] = int(float(cfg[k]))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{k}: expected an integer, got {cfg[k]!r}") from None
-    for k in ("steps", "batch_size", "mu", "eval_every", "log_every", "eval_batch_size"):
-        if cfg[k] <= 0:
-            raise ConfigError(f"{k}: must be positive, got {cfg[k]}")
-    for k in ("gamma_l", "gamma_u", "lr", "momentum", "weight_decay", "ema", "threshold",
-              "prior_momentum", "alpha_min", "power", "lambda_u", "lambda_d", "lb_fraction",
-              "bn_momentum", "time_limit"):
+def flag(key: str) -> str:
+    """How the user sets `key`: its flag, or --set KEY=VALUE (used in every error message)."""
+    if key == "progress":
+        return "--no-progress"
+    return "--" + key.replace("_", "-") if key in FLAG_KEYS else f"--set {key}"
+
+
+def _err(key: str, text: str) -> ConfigError:
+    return ConfigError(f"{flag(key)}: {text}")
+
+
+def _int(cfg: dict, key: str, lo: int | None = None) -> None:
+    v = cfg[key]
+    # bool is an int subclass: `--set steps=true` must not mean 1 step.
+    if isinstance(v, bool):
+        raise _err(key, f"expected an integer, got {v!r}")
+    if not isinstance(v, int):
         try:
-            cfg[k] = float(cfg[k])
+            f = float(v)
+            if not math.isfinite(f) or f != int(f):
+                raise ValueError
+            v = int(f)
         except (TypeError, ValueError):
-            raise ConfigError(f"{k}: expected a number, got {cfg[k]!r}") from None
-        if not math.isfinite(cfg[k]):
-            raise ConfigError(f"{k}: must be finite")
-    for k in ("gamma_l", "gamma_u"):
-        if cfg[k] == 0 or (abs(cfg[k]) < 1):
-            raise ConfigError(f"{k}: |gamma| must be >= 1 (a negative gamma reverses the "
-                              f"order), got {cfg[k]}")
-    if not 0 <= cfg["ema"] < 1:
-        raise ConfigError(f"ema: must lie in [0, 1), got {cfg['ema']}")
-    if cfg["algorithm"] not in ALGORITHMS:
-        raise ConfigError(f"algorithm: expected one of {ALGORITHMS}, got {cfg['algorithm']!r}")
-    if cfg["amp"] not in ("none", "bf16"):
-        raise ConfigError(f"amp: expected 'none' or 'bf16', got {cfg['amp']!r}")
-    dev = str(cfg["device"])
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
-    if cfg["split"] not in ("long_tail", "stl10", "fraction"):
-        raise ConfigError(f"split: expected long_tail, stl10 or fraction, got {cfg['split']!r}")
+            raise _err(key, f"expected an integer, got {cfg[key]!r}") from None
+    if lo is not None and v < lo:
+        raise _err(key, f"must be >= {lo}, got {v}")
+    cfg[key] = v
+
+
+def _float(cfg: dict, key: str) -> float:
+    v = cfg[key]
+    if isinstance(v, bool):
+        raise _err(key, f"expected a number, got {v!r}")
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise _err(key, f"expected a number, got {cfg[key]!r}") from None
+    if not math.isfinite(v):
+        raise _err(key, f"must be finite, got {v}")
+    cfg[key] = v
+    return v
+
+
+def _range(cfg: dict, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+    v = _float(cfg, key)
+    if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+        raise _err(key, f"must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                        f"{')' if hi_open else ']'}, got {v:g}")
+
+
+def _bool(cfg: dict, key: str) -> None:
+    v = cfg[key]
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        v = v.lower() == "true"
+    if not isinstance(v, bool):
+        raise _err(key, f"expected true or false, got {cfg[key]!r}")
+    cfg[key] = v
+
+
+def _choice(cfg: dict, key: str, choices) -> None:
+    if cfg[key] not in choices:
+        raise _err(key, f"expected one of {tuple(choices)}, got {cfg[key]!r}")
+
+
+def validate(cfg: dict) -> dict:
+    """Type-normalise and check every value of a configuration in place; returns it.
+
+    Runs before any data is read, so a bad value costs nothing; every message names the flag
+    (or `--set KEY`) that sets the value."""
+    unknown = sorted(set(cfg) - set(DEFAULTS) - {"preset"})
+    if unknown:
+        raise ConfigError(f"configuration: unknown keys {unknown}")
+    for k in ("steps", "batch_size", "mu", "eval_every", "log_every", "eval_batch_size", "n1"):
+        _int(cfg, k, 1)
+    for k in ("m1", "seed", "distill_start", "model_width"):
+        _int(cfg, k, 0)
     if cfg["split_seed"] is not None:
-        cfg["split_seed"] = int(cfg["split_seed"])
-    if isinstance(cfg["temperature"], str):
-        if cfg["temperature"] != "imbalance_aware":
-            try:
-                cfg["temperature"] = float(cfg["temperature"])
-            except ValueError:
-                raise ConfigError("temperature: expected a number or 'imbalance_aware'") from None
+        _int(cfg, "split_seed", 0)
+    for k in ("gamma_l", "gamma_u"):
+        if abs(_float(cfg, k)) < 1:
+            raise _err(k, f"|gamma| must be >= 1 (a negative gamma reverses the order), got "
+                          f"{cfg[k]:g}")
+    _range(cfg, "lr", 0.0, math.inf, True, True)
+    _range(cfg, "momentum", 0.0, 1.0, False, True)
+    _range(cfg, "weight_decay", 0.0, math.inf, False, True)
+    _range(cfg, "ema", 0.0, 1.0, False, True)
+    _range(cfg, "bn_momentum", 0.0, 1.0, True, False)
+    _range(cfg, "threshold", 0.0, 1.0, True, False)
+    _range(cfg, "prior_momentum", 0.0, 1.0, False, True)
+    _range(cfg, "alpha_min", 0.0, 1.0, False, False)
+    _range(cfg, "power", 0.0, math.inf, True, True)
+    _range(cfg, "lambda_u", 0.0, math.inf, False, True)
+    _range(cfg, "lambda_d", 0.0, math.inf, False, True)
+    _range(cfg, "lb_fraction", 0.0, 1.0, True, False)
+    _range(cfg, "time_limit", 0.0, math.inf, False, True)   # 0: no limit; negative is a typo
+    _range(cfg, "dist_timeout", 0.0, math.inf, True, True)
+    if isinstance(cfg["temperature"], str) and cfg["temperature"] == "imbalance_aware":
+        pass
     else:
-        cfg["temperature"] = float(cfg["temperature"])
+        try:
+            _range(cfg, "temperature", 0.0, math.inf, True, True)
+        except ConfigError:
+            raise _err("temperature", "expected a positive number or 'imbalance_aware', got "
+                                      f"{cfg['temperature']!r}") from None
     for k in ("sync_bn", "compile", "deterministic", "progress", "download", "nesterov"):
-        cfg[k] = bool(cfg[k])
+        _bool(cfg, k)
+    _choice(cfg, "algorithm", ALGORITHMS)
+    _choice(cfg, "amp", ("none", "bf16"))
+    _choice(cfg, "model", MODELS)
+    _choice(cfg, "backend", BACKENDS)
+    _choice(cfg, "on_nonfinite", ("stop", "skip"))
+    _choice(cfg, "dataset", tuple(DATASET_SPLITS))
+    dev = cfg["device"]
+    if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or
+                                        (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise _err("device", f"expected auto, cpu, cuda or cuda:N, got {dev!r}")
+    if not isinstance(cfg["data_root"], str) or not cfg["data_root"]:
+        raise _err("data_root", f"expected a directory, got {cfg['data_root']!r}")
+    ds = cfg["dataset"]
+    if cfg["split"] not in DATASET_SPLITS[ds]:
+        raise _err("split", f"dataset {ds} supports split {' or '.join(DATASET_SPLITS[ds])}, "
+                            f"got {cfg['split']!r}")
+    if ds == "imagenet127":
+        if cfg["image_size"] not in (None, 32, 64) or isinstance(cfg["image_size"], bool):
+            raise _err("image_size", f"expected 32 or 64, got {cfg['image_size']!r}")
+    elif cfg["image_size"] is not None:
+        raise _err("image_size", f"only Small-ImageNet-127 has a choice of image size; dataset "
+                                 f"{ds} has fixed-size images (got {cfg['image_size']!r})")
     return cfg
 
 

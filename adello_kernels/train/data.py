@@ -1,5 +1,5 @@
 """Datasets of the training driver: readers for the standard on-disk formats (no torchvision),
-long-tailed labeled/unlabeled splits (SPEC.md section 8), the device-resident dataset and its
+long-tailed labeled/unlabeled splits (docs/training.md), the device-resident dataset and its
 sampler, and the optional downloads.
 
 Readers return `Arrays`: uint8 images [N, C, H, W] and int64 labels (-1: no label, STL-10's
@@ -23,6 +23,7 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +95,14 @@ def _find(root: str, names, subdirs=("",)) -> str | None:
 def read_idx(path: str) -> np.ndarray:
     """An idx file (optionally gzipped): magic 0x0000 0x08 (uint8) ndim, big-endian int32 dims."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: the gzip stream is truncated or damaged ({exc}); download the "
+                        "file again (or restore it)") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not a uint8 idx file (magic {raw[:4].hex()})")
     ndim = raw[3]
@@ -312,7 +319,7 @@ def fetch(name: str, root: str, timeout: float = 30.0) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Long-tailed splits (SPEC.md section 8)
+# Long-tailed splits (docs/training.md, Long-tailed splits)
 # ------------------------------------------------------------------------------------------
 
 def long_tail_counts(n1: int, gamma: float, num_classes: int) -> list[int]:
@@ -417,14 +424,28 @@ class DeviceData:
                  chunk: int = 65536):
         pool = np.unique(split.ulb_idx)           # sorted; the labeled images are inside
         self.device = device
-        self.images = _to_device(arrays.train_x, pool, device, chunk)
-        self.labels = torch.from_numpy(np.asarray(arrays.train_y)[pool]).to(device)
+        h_train, h_test = hashlib.sha256(), hashlib.sha256()
+        self.images = _to_device(arrays.train_x, pool, device, chunk, h_train)
+        pool_labels = np.ascontiguousarray(np.asarray(arrays.train_y)[pool], dtype=np.int64)
+        self.labels = torch.from_numpy(pool_labels).to(device)
         self.lb_pos = torch.from_numpy(np.searchsorted(pool, split.lb_idx)).to(device)
         self.ulb_pos = torch.from_numpy(np.searchsorted(pool, split.ulb_idx)).to(device)
         self.lb_labels = self.labels[self.lb_pos]
         self.ulb_labels = self.labels[self.ulb_pos]
-        self.test_x = _to_device(arrays.test_x, None, device, chunk)
-        self.test_y = torch.from_numpy(np.asarray(arrays.test_y, dtype=np.int64)).to(device)
+        self.test_x = _to_device(arrays.test_x, None, device, chunk, h_test)
+        test_y = np.ascontiguousarray(arrays.test_y, dtype=np.int64)
+        self.test_y = torch.from_numpy(test_y).to(device)
+        # What the run actually trains and evaluates on, hashed while it is copied anyway:
+        # a resumed run refuses data that differs in any image, label or index.
+        self.fingerprint = {
+            "train_images": h_train.hexdigest()[:32],
+            "train_labels": hashlib.sha256(pool_labels.tobytes()).hexdigest()[:32],
+            "split": split.digest(),
+            "test_images": h_test.hexdigest()[:32],
+            "test_labels": hashlib.sha256(test_y.tobytes()).hexdigest()[:32],
+            "shapes": {"train_images": list(self.images.shape),
+                       "test_images": list(self.test_x.shape)},
+        }
         mean, std = MEAN_STD[dataset]
         c = self.images.shape[1]
         if len(mean) != c:
@@ -443,14 +464,30 @@ class DeviceData:
 
 
 def _to_device(x: np.ndarray, rows: np.ndarray | None, device: torch.device,
-               chunk: int) -> torch.Tensor:
-    """x[rows] as a uint8 tensor on `device`, copied in chunks (x may be a large memmap)."""
+               chunk: int, hasher=None) -> torch.Tensor:
+    """x[rows] as a uint8 tensor on `device`, copied in chunks (x may be a large memmap);
+    `hasher` (hashlib) is fed every chunk's bytes on the way."""
     n = x.shape[0] if rows is None else len(rows)
     out = torch.empty((n,) + tuple(x.shape[1:]), dtype=torch.uint8, device=device)
     for i in range(0, n, chunk):
         part = x[i:i + chunk] if rows is None else x[rows[i:i + chunk]]
-        out[i:i + len(part)] = torch.from_numpy(np.require(part, np.uint8, ["C", "W"])).to(device)
+        part = np.require(part, np.uint8, ["C", "W"])
+        if hasher is not None:
+            hasher.update(part.tobytes())
+        out[i:i + len(part)] = torch.from_numpy(part).to(device)
     return out
+
+
+FINGERPRINT = "data_fingerprint.json"
+
+
+def check_fingerprint(path: str, expected: dict, current: dict) -> None:
+    """Raise DataError naming `path` and the parts of the data that changed."""
+    diff = [k for k in sorted(set(expected) | set(current)) if expected.get(k) != current.get(k)]
+    if diff:
+        raise DataError(f"the data differs from the data this run started with ({path}): "
+                        f"{', '.join(diff)} changed. Point --data-root at the original files, "
+                        "or start a new run on the new data")
 
 
 class DeviceSampler:

@@ -1,4 +1,4 @@
-"""Evaluation metrics on raw logits (the EMA model's, no adjustment), SPEC.md section 8.
+"""Evaluation metrics on raw logits (the EMA model's, no adjustment), docs/training.md.
 
     top1            fraction of correct top-1 predictions
     balanced_acc    mean over classes (present in the test set) of the per-class recall

@@ -5,9 +5,19 @@ Everything that decides the numbers (model init, split, sampling, augmentation) 
 seeded generators whose states go into every checkpoint, so `--resume` continues bit for bit
 (in --deterministic mode), and K DDP ranks reproduce one process with the same global batch:
 every rank draws the global batch's indices and augmentation parameters and keeps its slice.
+
+Divergence is watched without a per-step host sync: each step adds its loss's finiteness to
+the on-device log accumulator, and at every log / evaluation step (where the log is read
+anyway) one read also tells whether any parameter, buffer, optimizer or criterion tensor is
+non-finite. `on_nonfinite = "stop"` ends the run there (exit 3) before anything is saved;
+`"skip"` leaves out, on the device, every optimizer update whose gradient is not finite (and
+the BatchNorm statistics of that step), and still stops if the state itself goes non-finite
+or every step of an evaluation interval was skipped. No checkpoint is ever written from a
+non-finite state.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -20,14 +30,34 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..module import ADELLOLoss
-from . import augment, checkpoint, config as config_mod, data as data_mod, metrics, report
+from . import augment, checkpoint, metrics, report
+from . import config as config_mod
+from . import data as data_mod
 from .models import build_model
 
 KILL_ENV = "ADELLO_TRAIN_SIGKILL_AT_STEP"   # test hook: SIGKILL itself after this step
+NAN_ENV = "ADELLO_TRAIN_NAN_AT_STEP"         # test hook: NaN input images at this step (1-based)
+STALL_ENV = "ADELLO_TRAIN_STALL"             # test hook "RANK:STEP:SECONDS": that rank sleeps
 NO_DISTILL = 2 ** 62                          # distill_start that is never reached
 
 LOG_KEYS = ("loss", "loss_sup", "loss_unsup", "loss_distill", "mask_ratio", "pl_correct_masked",
             "pl_known_masked", "pl_correct", "pl_known")
+# After the LOG_KEYS sums (of steps with a finite loss only): steps with a finite loss, steps
+# with a non-finite loss, optimizer updates skipped (on_nonfinite = skip).
+N_LOG = len(LOG_KEYS)
+ACC_LEN = N_LOG + 3
+
+
+class Diverged(RuntimeError):
+    """The loss or the state went non-finite (exit status 3)."""
+
+
+class DistFailure(RuntimeError):
+    """A DDP collective failed or timed out (the message names the ranks that stalled)."""
+
+
+def _finite_or_none(v):
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -37,7 +67,8 @@ LOG_KEYS = ("loss", "loss_sup", "loss_unsup", "loss_distill", "mask_ratio", "pl_
 class Dist:
     """The process group of a torchrun launch (world size 1 otherwise)."""
 
-    def __init__(self, device_cfg: str):
+    def __init__(self, device_cfg: str, timeout: float = 600.0):
+        self.timeout = timeout
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,7 +89,8 @@ class Dist:
             self.device = torch.device("cpu")
         self.active = self.world > 1
         if self.active and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
 
     @property
     def main(self) -> bool:
@@ -70,7 +102,55 @@ class Dist:
 
     def close(self):
         if self.active and dist.is_initialized():
-            dist.destroy_process_group()
+            # Gloo's worker threads release the tensors of finished collectives, which takes
+            # the GIL; a process group destroyed (with the GIL held) before they have done so
+            # deadlocks at exit. A short sleep lets them finish.
+            time.sleep(0.2)
+            try:
+                dist.destroy_process_group()
+            except Exception:   # after a failed collective the group may be unusable
+                pass
+
+    def _store(self):
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except Exception:
+            return None
+
+    def heartbeat(self, step: int) -> None:
+        """Record this rank's last logged step in the rendezvous store (host side, at log
+        steps only), for the message of a later stall."""
+        store = self._store() if self.active else None
+        if store is not None:
+            try:
+                store.set(f"adello/step/{self.rank}", str(step))
+            except Exception:
+                pass
+
+    def describe_failure(self, exc: Exception, step: int) -> str:
+        """Which ranks stalled: every rank whose collective failed says so in the store; the
+        ones that did not after a short wait never reached the collective."""
+        head = (f"rank {self.rank}: a collective at step {step} failed or did not complete "
+                f"within --dist-timeout {self.timeout:g} s ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})")
+        store = self._store()
+        if store is None:
+            return head
+        try:
+            store.set(f"adello/failed/{self.rank}", str(step))
+            time.sleep(min(3.0, self.timeout))
+            failed = [r for r in range(self.world) if store.check([f"adello/failed/{r}"])]
+            stalled = [r for r in range(self.world) if r not in failed]
+            last = {}
+            for r in stalled:
+                if store.check([f"adello/step/{r}"]):
+                    last[r] = store.get(f"adello/step/{r}").decode()
+        except Exception:
+            return head
+        if not stalled:
+            return head + "; every rank saw the failure (a lost connection or a crashed peer)"
+        where = ", ".join(f"rank {r} (last logged step {last.get(r, 'none')})" for r in stalled)
+        return head + f"; stalled: {where}, which never reached the collective"
 
 
 def make_criterion(cfg: dict, prior_lb: torch.Tensor) -> ADELLOLoss | None:
@@ -149,7 +229,13 @@ class Trainer:
     def __init__(self, cfg: dict, run_dir: str, resume: bool = False):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.dist = Dist(cfg["device"])
+        self.ckpt_path = os.path.join(run_dir, "checkpoints", checkpoint.LAST)
+        self.best_path = os.path.join(run_dir, "checkpoints", checkpoint.BEST)
+        for path in (self.ckpt_path, self.best_path):
+            if os.path.isdir(path):   # before any work: a save or a resume would fail later
+                raise checkpoint.CheckpointError(f"{path} is a directory, not a checkpoint "
+                                                 "file; remove or rename it")
+        self.dist = Dist(cfg["device"], cfg["dist_timeout"])
         self.device = self.dist.device
         if cfg["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -175,6 +261,20 @@ class Trainer:
             lb_fraction=cfg["lb_fraction"])
         self.data = data_mod.DeviceData(arrays, self.split, self.device, cfg["dataset"])
         del arrays
+        self.fingerprint_path = os.path.join(run_dir, data_mod.FINGERPRINT)
+        if resume and self.dist.main and os.path.isfile(self.fingerprint_path):
+            with open(self.fingerprint_path) as f:
+                try:
+                    saved = json.load(f)
+                except ValueError:
+                    raise data_mod.DataError(f"{self.fingerprint_path} is not valid JSON; "
+                                             "restore it or start a new run") from None
+            data_mod.check_fingerprint(self.fingerprint_path, saved, self.data.fingerprint)
+        elif self.dist.main:
+            tmp = self.fingerprint_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.data.fingerprint, f, indent=1)
+            os.replace(tmp, self.fingerprint_path)
 
         # Model, EMA, optimizer, criterion: identical on every rank (same seed).
         torch.manual_seed(seed)
@@ -183,8 +283,17 @@ class Trainer:
                                  bn_momentum=cfg["bn_momentum"], width=cfg["model_width"],
                                  sync_bn=cfg["sync_bn"]).to(self.device)
         self.ema = EMA(self.model, cfg["ema"])
+        self.skip_nonfinite = cfg["on_nonfinite"] == "skip"
+        # skip: the fused SGD kernel takes a device flag (found_inf) and leaves parameters and
+        # momentum untouched when it is set -- the update is skipped without a host sync.
         self.opt = torch.optim.SGD(param_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
-                                   momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+                                   momentum=cfg["momentum"], nesterov=cfg["nesterov"],
+                                   **({"fused": True} if self.skip_nonfinite else {}))
+        if self.skip_nonfinite and cfg["momentum"] > 0:
+            # The fused kernel's first step fills uninitialised momentum buffers; zeros make a
+            # skipped first step harmless and a taken one identical (0 * m + g = g).
+            for p in self.model.parameters():
+                self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         prior_lb = torch.tensor(self.split.prior_lb, dtype=torch.float32, device=self.device)
         self.crit = make_criterion(cfg, prior_lb)
         if self.crit is not None:
@@ -198,9 +307,15 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.config_digest = config_mod.digest(cfg)
-        self.ckpt_path = os.path.join(run_dir, "checkpoints", checkpoint.LAST)
-        if resume:
+        # Health counters over the whole run (host ints, updated at log steps).
+        self.nonfinite_steps = 0      # steps whose loss was not finite
+        self.skipped_steps = 0        # optimizer updates left out (on_nonfinite = skip)
+        self.best = None              # {"step", "balanced_acc"} of best.pt
+        self.saved_step = None        # step of the last checkpoint this run wrote or read
+        self.resumed_from = None
+        if resume and os.path.exists(self.ckpt_path):
             self._restore()
+            self.resumed_from = self.saved_step = self.step
 
         self.net = self.model
         if self.dist.active:
@@ -209,8 +324,15 @@ class Trainer:
         if cfg["compile"]:
             self.net = torch.compile(self.net)
         self.amp = cfg["amp"] == "bf16"
-        self._log_acc = torch.zeros(len(LOG_KEYS), dtype=torch.float64, device=self.device)
+        self._log_acc = torch.zeros(ACC_LEN, dtype=torch.float64, device=self.device)
         self._log_steps = 0
+        self._steps_since_eval = 0
+        self._skipped_since_eval = 0
+        self._bn_buffers = [b for b in self.model.buffers()]
+        self._bn_saved = [b.clone() for b in self._bn_buffers] if self.skip_nonfinite else []
+        self._nan_at = int(os.environ.get(NAN_ENV, "0") or 0)
+        stall = os.environ.get(STALL_ENV, "")
+        self._stall = tuple(float(x) for x in stall.split(":")) if stall else None
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -228,12 +350,49 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "criterion": None if self.crit is None else self.crit.state_dict(),
             "samplers": {"lb": self.lb_sampler.state_dict(), "ulb": self.ulb_sampler.state_dict()},
-            "rng": rng,
+            "rng": rng, "data_fingerprint": self.data.fingerprint,
+            "health": {"nonfinite_steps": self.nonfinite_steps,
+                       "skipped_steps": self.skipped_steps},
+            "best": self.best,
         }
 
-    def save(self) -> None:
+    def kept_text(self) -> str:
+        """What a failed run leaves to resume from."""
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        text = f"kept {self.ckpt_path} from step {self.saved_step}, intact"
+        if self.best is not None:
+            text += (f", and {self.best_path} from step {self.best['step']} (balanced accuracy "
+                     f"{100 * self.best['balanced_acc']:.2f} %)")
+        return text
+
+    def save(self, balanced_acc: float | None = None) -> None:
+        """last.pt (and best.pt when `balanced_acc` is the best so far). Only called with a
+        finite state. A failed write (full disk, read-only directory) keeps the old files and
+        raises CheckpointError saying what was kept; every rank raises."""
+        err = None
         if self.dist.main:
-            checkpoint.save_atomic(self._state(), self.ckpt_path)
+            best = balanced_acc is not None and math.isfinite(balanced_acc) and \
+                (self.best is None or balanced_acc > self.best["balanced_acc"])
+            old_best = self.best
+            if best:
+                self.best = {"step": self.step, "balanced_acc": float(balanced_acc)}
+            try:
+                checkpoint.save_atomic(checkpoint.with_checksum(self._state()), self.ckpt_path)
+                self.saved_step = self.step
+                if best:
+                    checkpoint.link_or_copy(self.ckpt_path, self.best_path)
+            except (OSError, checkpoint.CheckpointError) as exc:
+                if self.saved_step != self.step:
+                    self.best = old_best
+                what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                err = checkpoint.CheckpointError(
+                    f"could not write the checkpoint of step {self.step} under "
+                    f"{os.path.dirname(self.ckpt_path)}: {what}; {self.kept_text()}")
+        if err is not None:
+            # Under DDP the other ranks wait in the barrier below until the launcher, seeing
+            # this rank fail, ends them (torchrun does at once).
+            raise err
         self.dist.barrier()
 
     def _restore(self) -> None:
@@ -265,6 +424,14 @@ class Trainer:
                                              f"or generators: {exc}") from None
         self.step = int(st["step"])
         self.elapsed = float(st["elapsed"])
+        fp = st.get("data_fingerprint")
+        if self.dist.main and fp is not None:
+            data_mod.check_fingerprint(f"{path} (its data_fingerprint)", fp,
+                                       self.data.fingerprint)
+        health = st.get("health") or {}
+        self.nonfinite_steps = int(health.get("nonfinite_steps", 0))
+        self.skipped_steps = int(health.get("skipped_steps", 0))
+        self.best = st.get("best")
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -292,6 +459,13 @@ class Trainer:
                          .float())
             parts.append(augment.apply_strong(raw, augment.slice_params(p_s, r0n, r0n + self.n)))
         x = d.normalize(torch.cat(parts))
+        if self._nan_at and self.step + 1 == self._nan_at:
+            x = x * float("nan")
+        if self._stall and int(self._stall[0]) == self.dist.rank and \
+                self.step + 1 == int(self._stall[1]):
+            time.sleep(self._stall[2])
+        if self.skip_nonfinite:
+            torch._foreach_copy_(self._bn_saved, self._bn_buffers)
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.net(x)
@@ -311,24 +485,62 @@ class Trainer:
                      hit.sum(), known.sum()]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
+        vals = torch.stack([s.to(torch.float64) for s in stats])
+        loss_ok = torch.isfinite(vals[0])
+        if self.skip_nonfinite:
+            # DDP has all-reduced the gradients, so every rank takes the same decision.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            g_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
+            skip = ~(g_ok if self.dist.active else g_ok & loss_ok)
+            self.opt.found_inf = skip.float()
+            self.opt.step()
+            for b, old in zip(self._bn_buffers, self._bn_saved):
+                b.copy_(torch.where(skip, old, b))
+        else:
+            skip = torch.zeros((), dtype=torch.bool, device=self.device)
+            self.opt.step()
         self.ema.update()
         # Logged values stay on the device; read every log_every steps (no per-step sync).
-        self._log_acc += torch.stack([s.to(torch.float64) for s in stats])
+        self._log_acc += torch.cat([torch.where(loss_ok, vals, 0.0),
+                                    torch.stack([loss_ok, ~loss_ok, skip]).to(torch.float64)])
         self._log_steps += 1
         self.step += 1
 
+    def _state_tensors(self) -> list[torch.Tensor]:
+        ts = [t for t in self.model.parameters()] + \
+            [t for t in self.model.buffers() if t.is_floating_point()] + \
+            [t for t in self.ema.module.parameters()] + \
+            [t for t in self.ema.module.buffers() if t.is_floating_point()]
+        for st in self.opt.state.values():
+            ts += [t for t in st.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if self.crit is not None:
+            ts += [t for t in self.crit.buffers() if t.is_floating_point()]
+        return [t.detach() for t in ts if t.numel()]
+
     def flush_log(self) -> dict:
-        """Means of the logged values since the last flush (all ranks; one host sync)."""
-        acc = self._log_acc.clone()
+        """Means of the logged values since the last flush and the health of the state (all
+        ranks; one host sync)."""
+        # max |x| is NaN or inf exactly when x holds a non-finite value (a 2-norm could
+        # overflow on large finite weights).
+        peaks = torch.stack(torch._foreach_norm(self._state_tensors(), math.inf))
+        state_bad = (~torch.isfinite(peaks)).any().to(torch.float64).reshape(1)
+        acc = torch.cat([self._log_acc, state_bad])
         if self.dist.active:
             dist.all_reduce(acc)
-            acc /= self.dist.world
-        vals = dict(zip(LOG_KEYS, acc.tolist()))
-        k = max(1, self._log_steps)
+        extra = []
+        if self.crit is not None:
+            extra = [self.crit.prior_ulb.to(torch.float64),
+                     (self.crit.alpha() if self.crit.flexda else torch.ones((), device=self.device))
+                     .to(torch.float64).reshape(1),
+                     self.crit.temperature.to(torch.float64).reshape(1),
+                     self.crit.skipped_updates.to(torch.float64).reshape(1)]
+        allv = torch.cat([acc] + extra).tolist()
+        vals = dict(zip(LOG_KEYS, allv[:N_LOG]))
+        ok_steps, bad_steps, skipped, state_bad = allv[N_LOG:N_LOG + 4]
+        w = self.dist.world
         rec = {"step": self.step}
         for key in ("loss", "loss_sup", "loss_unsup", "loss_distill", "mask_ratio"):
-            rec[key] = vals[key] / k
+            rec[key] = _finite_or_none(vals[key] / ok_steps) if ok_steps else None
         if self.crit is None:
             for key in ("loss_sup", "loss_unsup", "loss_distill", "mask_ratio"):
                 rec[key] = None
@@ -338,12 +550,65 @@ class Trainer:
             rec["pl_acc_masked"] = (vals["pl_correct_masked"] / vals["pl_known_masked"]
                                     if vals["pl_known_masked"] > 0 else None)
             rec["pl_acc"] = vals["pl_correct"] / vals["pl_known"] if vals["pl_known"] else None
-            rec["prior_ulb"] = self.crit.prior_ulb.tolist()
-            rec["alpha"] = float(self.crit.alpha()) if self.crit.flexda else 1.0
-            rec["temperature"] = float(self.crit.temperature)
+            c = self.num_classes
+            rest = allv[ACC_LEN + 1:]
+            rec["prior_ulb"] = [_finite_or_none(v) for v in rest[:c]]
+            rec["alpha"] = _finite_or_none(rest[c])
+            rec["temperature"] = _finite_or_none(rest[c + 1])
+            rec["skipped_updates"] = int(rest[c + 2])
+        # Under DDP a step counts as non-finite on any rank; skipped updates are the same on
+        # every rank (the gradients are all-reduced).
+        window_bad = int(round(bad_steps)) if w == 1 else min(self._log_steps,
+                                                             int(round(bad_steps)))
+        window_skipped = int(round(skipped / w))
+        rec["nonfinite_steps"] = window_bad
+        rec["skipped_steps"] = window_skipped
+        self.nonfinite_steps += window_bad
+        self.skipped_steps += window_skipped
+        self._skipped_since_eval += window_skipped
+        self._steps_since_eval += self._log_steps
+        health = {"window": self._log_steps, "nonfinite": window_bad,
+                  "skipped": window_skipped, "state_bad": state_bad > 0}
         self._log_acc.zero_()
         self._log_steps = 0
-        return rec
+        return rec, health
+
+    def _diverged(self, health: dict, at_eval: bool) -> str | None:
+        """Why the run must stop now, or None."""
+        start = self.step - health["window"]
+        if health["state_bad"]:
+            return (f"the model / optimizer state holds non-finite values at step {self.step} "
+                    f"(steps {start + 1}..{self.step}: {health['nonfinite']} non-finite losses, "
+                    f"{health['skipped']} updates skipped)")
+        if health["nonfinite"] and not self.skip_nonfinite:
+            return (f"{health['nonfinite']} of the steps {start + 1}..{self.step} had a "
+                    "non-finite loss")
+        if self.skip_nonfinite and at_eval and self._steps_since_eval and \
+                self._skipped_since_eval == self._steps_since_eval:
+            return (f"every update of the {self._steps_since_eval} steps up to step "
+                    f"{self.step} had a non-finite gradient and was skipped (the run is stuck)")
+        return None
+
+    def _stop_diverged(self, reason: str) -> None:
+        msg = (f"training diverged: {reason}. No checkpoint was written from this state; "
+               f"{self.kept_text()}. Lower --lr (now {self.cfg['lr']:g})"
+               + ("" if self.skip_nonfinite else ", or rerun with --on-nonfinite skip to "
+                  "leave out updates with a non-finite gradient") + ".")
+        if self.dist.main:
+            summary = {
+                "status": "diverged", "error": msg, "algorithm": self.cfg["algorithm"],
+                "preset": self.cfg["preset"], "steps": self.step, "seconds": self.elapsed,
+                "nonfinite_steps": self.nonfinite_steps, "skipped_steps": self.skipped_steps,
+                "skipped_updates": self._criterion_skipped(),
+                "last_checkpoint_step": self.saved_step, "best": self.best,
+                "on_nonfinite": self.cfg["on_nonfinite"], "config_digest": self.config_digest,
+            }
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        raise Diverged(msg)
+
+    def _criterion_skipped(self) -> int | None:
+        return None if self.crit is None else int(self.crit.skipped_updates)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -370,6 +635,7 @@ class Trainer:
         cfg, main = self.cfg, self.dist.main
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         log_path = os.path.join(self.run_dir, "train_log.jsonl")
+        evals, log = [], []
         if main:
             evals = _jsonl_truncate(metrics_path, self.step)
             log = _jsonl_truncate(log_path, self.step)
@@ -381,53 +647,20 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.step, desc=f"{cfg['algorithm']} {cfg['preset']}",
                        unit="step", dynamic_ncols=True, leave=True)
         t_start = time.time() - self.elapsed
-        stopped_early = False
         last_eval = evals[-1] if main and evals and evals[-1]["step"] == self.step else None
         self.model.train()
-        while self.step < steps:
-            self.train_step()
+        try:
+            self._loop(steps, bar, t_start, log_path, metrics_path, evals, log, kill_at,
+                       last_eval)
+        except (RuntimeError, ValueError) as exc:
+            if not self.dist.active or isinstance(exc, (Diverged, checkpoint.CheckpointError,
+                                                        DistFailure)):
+                raise
+            raise DistFailure(self.dist.describe_failure(exc, self.step)) from None
+        finally:
             if bar is not None:
-                bar.update(1)
-            at_log = self.step % cfg["log_every"] == 0 or self.step == steps
-            at_eval = self.step % cfg["eval_every"] == 0 or self.step == steps
-            # The time limit: checked every step in one process (a host clock read, no sync);
-            # under DDP at log steps, where rank 0's clock decides for everyone.
-            if (at_log or not self.dist.active) and self._time_up(t_start) \
-                    and self.step < steps:
-                at_log = at_eval = stopped_early = True
-            if at_log:
-                rec = self.flush_log()
-                self.elapsed = time.time() - t_start
-                rec["seconds"] = self.elapsed
-                if main:
-                    _append(log_path, rec)
-                    log.append(rec)
-                    if bar is not None:
-                        post = {"loss": f"{rec['loss']:.3f}"}
-                        if rec.get("mask_ratio") is not None:
-                            post["mask"] = f"{rec['mask_ratio']:.2f}"
-                        if last_eval is not None:
-                            post["bal_acc"] = f"{100 * last_eval['balanced_acc']:.1f}"
-                        bar.set_postfix(post)
-            if at_eval:
-                self.elapsed = time.time() - t_start
-                if main:
-                    m = self.evaluate()
-                    self._last_metrics = (self.step, m)
-                    last_eval = {"step": self.step, "seconds": self.elapsed,
-                                 **{k: m[k] for k in ("top1", "balanced_acc", "ece", "mce",
-                                                      "prior_kl", "per_class_acc",
-                                                      "prior_ulb")}}
-                    _append(metrics_path, last_eval)
-                    evals.append(last_eval)
-                self.save()
-                self.model.train()
-            if kill_at and self.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stopped_early:
-                break
-        if bar is not None:
-            bar.close()
+                bar.close()
+        stopped_early = self._stopped_early
         if not main:
             return None
         cached = getattr(self, "_last_metrics", None)
@@ -439,6 +672,61 @@ class Trainer:
         pngs = report.write_report(self.run_dir, summary, evals, log, cfg)
         summary["plots"] = pngs
         return summary
+
+    def _loop(self, steps, bar, t_start, log_path, metrics_path, evals, log, kill_at,
+              last_eval) -> None:
+        cfg, main = self.cfg, self.dist.main
+        self._stopped_early = stopped_early = False
+        while self.step < steps:
+            self.train_step()
+            if bar is not None:
+                bar.update(1)
+            at_log = self.step % cfg["log_every"] == 0 or self.step == steps
+            at_eval = self.step % cfg["eval_every"] == 0 or self.step == steps
+            # The time limit: checked every step in one process (a host clock read, no sync);
+            # under DDP at log steps, where rank 0's clock decides for everyone.
+            if (at_log or not self.dist.active) and self._time_up(t_start) \
+                    and self.step < steps:
+                at_log = at_eval = stopped_early = True
+                self._stopped_early = True
+            # Every evaluation is also a log step: its checkpoint needs the health check.
+            at_log = at_log or at_eval
+            if at_log:
+                rec, health = self.flush_log()
+                self.dist.heartbeat(self.step)
+                self.elapsed = time.time() - t_start
+                rec["seconds"] = self.elapsed
+                if main:
+                    _append(log_path, rec)
+                    log.append(rec)
+                    if bar is not None:
+                        post = {"loss": "n/a" if rec["loss"] is None else f"{rec['loss']:.3f}"}
+                        if rec.get("mask_ratio") is not None:
+                            post["mask"] = f"{rec['mask_ratio']:.2f}"
+                        if last_eval is not None:
+                            post["bal_acc"] = f"{100 * last_eval['balanced_acc']:.1f}"
+                        bar.set_postfix(post)
+                reason = self._diverged(health, at_eval)
+                if reason is not None:
+                    self._stop_diverged(reason)
+            if at_eval:
+                self.elapsed = time.time() - t_start
+                if main:
+                    m = self.evaluate()
+                    self._last_metrics = (self.step, m)
+                    last_eval = {"step": self.step, "seconds": self.elapsed,
+                                 **{k: m[k] for k in ("top1", "balanced_acc", "ece", "mce",
+                                                      "prior_kl", "per_class_acc",
+                                                      "prior_ulb")}}
+                    _append(metrics_path, last_eval)
+                    evals.append(last_eval)
+                self.save(last_eval["balanced_acc"] if main else None)
+                self._steps_since_eval = self._skipped_since_eval = 0
+                self.model.train()
+            if kill_at and self.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stopped_early:
+                break
 
     def _time_up(self, t_start: float) -> bool:
         """Past the time limit? Under DDP rank 0's clock decides, so all ranks stop together."""
@@ -469,7 +757,10 @@ class Trainer:
             "reliability": m["reliability"], "device": str(self.device),
             "world_size": self.dist.world, "backend": self.backend,
             "torch": torch.__version__, "config_digest": self.config_digest,
-            "split_digest": s.digest(),
+            "split_digest": s.digest(), "status": "completed",
+            "on_nonfinite": self.cfg["on_nonfinite"], "nonfinite_steps": self.nonfinite_steps,
+            "skipped_steps": self.skipped_steps, "skipped_updates": self._criterion_skipped(),
+            "best": self.best,
         }
 
 
