@@ -97,6 +97,12 @@ class ADELLOLoss(nn.Module):
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64, device=dev))
         # flexda=False: uniform P_L and Q make both adjustments exactly 0 (log(1/C+eps) twice).
         self.register_buffer("_uniform", torch.full((c,), 1.0 / c, device=dev), persistent=False)
+        # Gradient accumulation (forward(..., update=False)): the row-weighted sum of the batch
+        # priors of the micro-batches seen since the last update, on the device, and their row
+        # count on the host (shapes are static, so counting them needs no sync). Not saved:
+        # checkpoints are taken between optimizer steps, when nothing is pending.
+        self.register_buffer("_pending_prior", torch.zeros(c, device=dev), persistent=False)
+        self._pending_rows = 0
 
     @property
     def num_classes(self) -> int:
@@ -126,8 +132,23 @@ class ADELLOLoss(nn.Module):
         return buf[:-1] / buf[-1]
 
     def forward(self, logits_lb: torch.Tensor, labels_lb: torch.Tensor,
-                logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor) -> FlexDAOutput:
+                logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor, *,
+                update: bool = True) -> FlexDAOutput:
+        """One training step; with `update=False`, one micro-batch of a step accumulated over
+        several (gradient accumulation): its losses use the current state (alpha_t, Q, T) like
+        every micro-batch of the step, its batch prior is added to a pending sum, and nothing
+        advances. The next call with `update=True` (the step's last micro-batch) updates the
+        prior once from the row-weighted mean over all of them and advances the step once, so
+        K micro-batches of N rows give the prior and step of one batch of K N rows (the losses
+        of equal micro-batches average to the full batch's loss)."""
         # All checks come before any state changes, so a rejected call leaves the module as it was.
+        if not isinstance(update, bool):
+            raise ValueError(f"update: expected a bool, got {type(update).__name__}")
+        if not update and self.imbalance_aware:
+            raise ValueError("update: update=False (gradient accumulation) is not supported with "
+                             "temperature='imbalance_aware' (its temperature is frozen from the "
+                             "prior after a whole step's update, which the first micro-batches "
+                             "cannot know); use a fixed temperature or no accumulation")
         compiling = torch.compiler.is_compiling()
         check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s,
                      self.validate and not compiling)
@@ -164,6 +185,10 @@ class ADELLOLoss(nn.Module):
             temperature = torch.where(freeze_now, torch.exp(kl).to(temperature.dtype), temperature)
 
         syncing = self._syncing()
+        pending = self._pending_rows
+        # The step op updates the state itself unless this call only accumulates, earlier
+        # micro-batches are pending, or the batch prior must first be all-reduced.
+        fused_update = update and pending == 0 and not syncing
         if backend == "reference":  # plain PyTorch end to end: what users run without kernels
             if self.flexda:
                 p_l, q = self.prior_lb, q_prev
@@ -184,7 +209,7 @@ class ADELLOLoss(nn.Module):
                     step_buf, buffers["skipped_updates"], temperature, self.total_steps,
                     self.alpha_min, self.power, self.distill_start, self.lambda_u,
                     self.lambda_d, 1e-9, self.flexda, self.threshold, self.prior_momentum,
-                    not syncing)
+                    fused_update)
             out = FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                                prior_batch)
 
@@ -192,9 +217,23 @@ class ADELLOLoss(nn.Module):
         if self.imbalance_aware:
             temperature_buf.copy_(temperature)
             buffers["temperature_frozen"].logical_or_(freeze_now)
-        if backend == "reference" or syncing:
+        if backend == "reference" or not fused_update:
+            acc = buffers["_pending_prior"]
+            if not update:                      # a micro-batch: accumulate, advance nothing
+                acc.add_(out.prior_batch.detach().to(acc.dtype) * n)
+                self._pending_rows = pending + n
+                return out
+            if pending:                         # the step's last micro-batch
+                batch_prior = (acc + out.prior_batch.detach().to(acc.dtype) * n) / (pending + n)
+                n = pending + n
+                acc.zero_()
+                self._pending_rows = 0
+            elif self.imbalance_aware:
+                pass                            # the pre-pass's prior, already all-reduced
+            else:
+                batch_prior = out.prior_batch.detach()
             if not self.imbalance_aware:
-                batch_prior = self._global_mean(out.prior_batch.detach(), n)
+                batch_prior = self._global_mean(batch_prior, n)
             update_prior_(prior_ulb, step_buf, buffers["skipped_updates"], batch_prior,
                           self.prior_momentum)
         return out
@@ -210,6 +249,9 @@ class ADELLOLoss(nn.Module):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # A loaded state starts between optimizer steps: no micro-batch is pending.
+        self._buffers["_pending_prior"].zero_()
+        self._pending_rows = 0
 
     def _state_errors(self, state_dict, prefix: str) -> list[str]:
         """What is wrong with this module's entries of `state_dict` (empty: loadable). Reads the

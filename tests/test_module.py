@@ -1,4 +1,4 @@
-"""`ADELLOLoss`: the multi-step semantics of SPEC.md section 1 (prior update after the losses,
+"""`ADELLOLoss`: the multi-step semantics of docs/method.md (prior update after the losses,
 alpha schedule, distillation gate, imbalance-aware temperature), state, errors and the NaN guard."""
 import copy
 import math
@@ -8,6 +8,7 @@ import torch
 
 import adello_kernels as ak
 from adello_kernels.reference import alpha_schedule, flexda_reference
+
 from utils import make_inputs
 
 
@@ -18,7 +19,7 @@ def batches(steps, b, n, c, seed=0, dtype=torch.float32, scale=4.0):
 
 def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0, flexda=True,
                 momentum=0.999, **kw):
-    """SPEC.md section 1 step by step in float64, written independently of ADELLOLoss."""
+    """docs/method.md step by step in float64, written independently of ADELLOLoss."""
     c = prior_lb.shape[0]
     q = torch.full((c,), 1.0 / c, dtype=torch.float64)
     uniform = q.clone()
@@ -234,3 +235,56 @@ def test_compile_fullgraph_module_step(backend, temperature):
         torch.testing.assert_close(grad, torch.autograd.grad(want.loss, z_l2)[0])
     torch.testing.assert_close(crit.prior_ulb, eager.prior_ulb)
     assert int(crit.step) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation_equals_the_whole_batch(backend):
+    # K micro-batches with update=False on all but the last must advance alpha, the prior and
+    # the step exactly once, from the row-weighted mean of the batch priors: the state of one
+    # step on the whole batch; and the micro-batch losses average to the whole batch's.
+    k, b, n, c = 4, 3, 5, 9
+    prior_lb = torch.softmax(torch.randn(c, generator=torch.Generator().manual_seed(1)), 0)
+    whole = ak.ADELLOLoss(prior_lb, 50, prior_momentum=0.6, backend=backend)
+    micro = copy.deepcopy(whole)
+    for step, args in enumerate(batches(3, k * b, k * n, c, seed=7)):
+        z_l = args[0].clone().requires_grad_()
+        out = whole(z_l, *args[1:])
+        (g_whole,) = torch.autograd.grad(out.loss, z_l)
+        losses, grads = [], []
+        for j in range(k):
+            zl_j = args[0][j * b:(j + 1) * b].clone().requires_grad_()
+            o = micro(zl_j, args[1][j * b:(j + 1) * b], args[2][j * n:(j + 1) * n],
+                      args[3][j * n:(j + 1) * n], update=j == k - 1)
+            if j < k - 1:  # nothing advances before the last micro-batch
+                assert int(micro.step) == step
+            losses.append(o.loss.detach())
+            grads.append(torch.autograd.grad(o.loss / k, zl_j)[0])
+        torch.testing.assert_close(torch.stack(losses).mean(), out.loss.detach(), rtol=1e-6,
+                                   atol=1e-6)
+        torch.testing.assert_close(torch.cat(grads), g_whole, rtol=0, atol=1e-6)
+        torch.testing.assert_close(micro.prior_ulb, whole.prior_ulb, rtol=0, atol=1e-6)
+        assert int(micro.step) == int(whole.step) == step + 1
+        assert micro._pending_rows == 0
+
+
+def test_gradient_accumulation_counts_a_non_finite_micro_batch_once():
+    c = 7
+    crit = ak.ADELLOLoss(torch.full((c,), 1.0 / c), 10, backend=BACKENDS[-1])
+    q0 = crit.prior_ulb.clone()
+    (args,) = batches(1, 4, 6, c, seed=2)
+    bad_w = args[2].clone()
+    bad_w[1, 2] = float("nan")
+    crit(args[0], args[1], bad_w, args[3], update=False)
+    crit(*args, update=True)
+    assert torch.equal(crit.prior_ulb, q0) and int(crit.skipped_updates) == 1
+    assert int(crit.step) == 1
+
+
+def test_gradient_accumulation_refuses_imbalance_aware_temperature():
+    crit = ak.ADELLOLoss(torch.full((5,), 0.2), 10, temperature="imbalance_aware")
+    (args,) = batches(1, 2, 3, 5)
+    with pytest.raises(ValueError, match="^update: "):
+        crit(*args, update=False)
+    with pytest.raises(ValueError, match="^update: expected a bool"):
+        crit(*args, update=1)
+    assert int(crit.step) == 0
