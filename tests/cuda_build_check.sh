@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CUDA compile check, no GPU needed: builds adello_kernels._C against a CUDA build of torch
-# (csrc/cpu + csrc/cuda, TORCH_CUDA_ARCH_LIST "8.0;9.0") in a second venv, out of tree, then
-# imports it and runs tests/test_cuda_kernel.py (its build check requires a CUDA kernel for every
-# adello:: op but the CPU-only ones; the GPU tests skip without a GPU).
+# (the whole extension: csrc/*.cpp, csrc/cpu, csrc/cuda; TORCH_CUDA_ARCH_LIST "8.0;9.0") in a
+# second venv, out of tree, then imports it, checks that adello::flexda_fwd, adello::flexda_step
+# and adello::scale_grads_ have C++ CUDA kernels, and runs tests/test_cuda_kernel.py (its build
+# checks require a CUDA kernel for every adello:: op, the C++ one for those three, none a Python
+# function; the GPU tests skip without a GPU).
 #
 #   tests/cuda_build_check.sh            # from anywhere; ~4-6 min cold on 2 cores, ~1 min warm
 #
@@ -66,7 +68,11 @@ bad = [str(w.message) for w in caught if "_C" in str(w.message)]
 assert not bad, f"adello_kernels fell back to the reference backend: {bad}"
 from adello_kernels.ops import flexda
 assert adello_kernels.__file__.startswith(os.getcwd()), adello_kernels.__file__
-assert flexda.has_kernel("flexda_fwd", "CUDA"), "no CUDA kernel for adello::flexda_fwd"
+for op in ("flexda_fwd", "flexda_step", "scale_grads_"):
+    assert flexda.has_kernel(op, "CUDA"), f"no CUDA kernel for adello::{op}"
+    line = next((l for l in torch._C._dispatch_dump("adello::" + op).splitlines()
+                 if l.startswith("CUDA:")), "")
+    assert "csrc/cuda/" in line and "unboxed" in line, f"adello::{op}: CUDA kernel is {line!r}"
 print(f"cuda_build_check: import ok (torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"GPU available: {torch.cuda.is_available()})")
 EOF

@@ -1,24 +1,24 @@
-"""The fused CUDA kernel of `adello::flexda_fwd` (csrc/cuda/flexda_cuda.cu).
+"""The fused CUDA kernels (csrc/cuda/): `adello::flexda_fwd`, `adello::flexda_step` (one training
+step: prologue from the state, fused rows, reduce, prior update) and `adello::scale_grads_`.
 
-GPU tests (marked `gpu`, skipped without a GPU or without the compiled CUDA kernel): every output
-against the float64 closed-form reference at the SPEC.md section 6 tolerances, one class count per
+GPU tests (marked `gpu`, skipped without a GPU or without the compiled CUDA kernels): every output
+against the float64 closed-form reference at the docs/contract.md tolerances, one class count per
 kernel regime, each dtype, temperature != 1, distillation on and off; strided / unaligned inputs;
-bit-identical repeats; opcheck; CUDA-graph capture and sync-free steps.
+bit-identical repeats; opcheck; the step op over several steps with its state; CUDA-graph capture
+and sync-free steps.
 
 CPU tests (run in CI):
-- `test_emulated_*`: the same kernel source compiled for the CPU by tests/cuda_emulator.cpp (CUDA
-  threads as OS threads, __syncthreads and shuffles as barriers), every kernel regime against the
-  float64 reference and across input layouts. This checks the kernels' logic without a GPU.
-- `test_every_adello_op_has_a_cuda_kernel_in_a_cuda_build`: where torch is a CUDA build and a
-  CUDA toolkit exists, the built extension registers a CUDA kernel for every adello:: op but the
-  CPU-only `flexda_step` (CPU_ONLY_OPS). CI runs it in the CUDA venv through
-  tests/cuda_build_check.sh (it skips under a CPU build of torch).
+- `test_emulated_*`: the same kernel sources compiled for the CPU by tests/cuda_emulator.cpp
+  (CUDA threads as OS threads, __syncthreads and shuffles as barriers; loaded by tests/cuda_emu.py),
+  every kernel regime of both row kernels against the float64 reference, the step's prologue and
+  epilogue over several steps, bad labels, input layouts, and the scale kernel. This checks the
+  kernels' logic without a GPU.
+- `test_*_in_a_cuda_build`: where torch is a CUDA build and a CUDA toolkit exists, the built
+  extension registers a CUDA kernel for every adello:: op, and for the ones implemented in
+  csrc/cuda (CPP_CUDA_OPS) the C++ one, not a Python function. CI runs them in the CUDA venv
+  through tests/cuda_build_check.sh (they skip under a CPU build of torch).
 """
 import copy
-import functools
-import hashlib
-import os
-import shutil
 
 import pytest
 import torch
@@ -26,8 +26,12 @@ import torch
 import adello_kernels as ak
 from adello_kernels import backends
 from adello_kernels.ops import flexda as flexda_ops
-from adello_kernels.reference import flexda_fwd_reference, logit_adjustments
-from utils import assert_outputs_close, make_inputs, step_without_host_sync
+from adello_kernels.ops.state import momentum_update
+from adello_kernels.reference import (accumulate_dtype, alpha_schedule, flexda_fwd_reference,
+                                      logit_adjustments)
+
+from cuda_emu import emulator_ops
+from utils import assert_outputs_close, check_outputs, make_inputs, step_without_host_sync
 
 
 def _cuda_kernel_built() -> bool:
@@ -38,7 +42,7 @@ needs_cuda_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and _cuda_kernel_built()),
     reason="needs a CUDA GPU and adello_kernels._C built with the CUDA kernel")
 
-# One class count per kernel regime of choose_config (fp32/bf16/fp16), plus the issue's list:
+# One class count per kernel regime of choose_config (fp32/bf16/fp16), plus common class counts:
 #   1, 10, 100, 127 -> warp, 4 elements per lane (127: odd rows are never 16-byte aligned)
 #   200 -> warp/8, 500 -> warp/16, 1000 -> warp/32 (bandwidth shape)
 #   2000 -> block of 128, 3000 -> block of 256, 4097 -> block of 512 (one column past 4096)
@@ -343,26 +347,161 @@ def test_flexda_loss_cuda_backend_gradients():
 
 
 # ------------------------------------------------------------------------------------------------
+# adello::flexda_step and adello::scale_grads_: shared helpers (device "cpu" runs the emulator)
+# ------------------------------------------------------------------------------------------------
+
+STEP_DEFAULTS = dict(total_steps=50, alpha_min=0.1, power=2.0, distill_start=0, lambda_u=1.0,
+                     lambda_d=0.7, eps=1e-9, flexda=True, threshold=0.95, prior_momentum=0.9,
+                     update=True)
+
+
+def make_state(prior_ulb, step=0, skipped=0, temperature=1.0):
+    dev = prior_ulb.device
+    return {"prior_ulb": prior_ulb.clone(), "step": torch.tensor(step, device=dev),
+            "skipped": torch.tensor(skipped, device=dev),
+            "temperature": torch.tensor(temperature, device=dev)}
+
+
+def step_args(logits, prior_lb, state, **kw):
+    """The op's arguments in schema order; the state tensors are passed (and mutated) as given."""
+    o = {**STEP_DEFAULTS, **kw}
+    z_l, y, z_w, z_s = logits
+    return [z_l, y, z_w, z_s, prior_lb, state["prior_ulb"], state["step"], state["skipped"],
+            state["temperature"], o["total_steps"], o["alpha_min"], o["power"],
+            o["distill_start"], o["lambda_u"], o["lambda_d"], o["eps"], o["flexda"],
+            o["threshold"], o["prior_momentum"], o["update"]]
+
+
+def step_fwd_equivalent(args, prior_ulb, t):
+    """The flexda_fwd arguments one step stands for, from the state on entry (Q = prior_ulb,
+    step = t): the prologue in float64 rounded once to the accumulate dtype (as the kernels do),
+    hparams (lambda_u, lambda_d, [t >= t0], T). check_outputs / reference_outputs take these."""
+    (z_l, y, z_w, z_s, p_l, _q, _t, _k, temp, total, amin, power, t0, lu, ld, eps, flexda, tau,
+     _m, _u) = args
+    acc = accumulate_dtype(z_l.dtype)
+    if flexda:
+        alpha = alpha_schedule(t, total, amin, power)
+        ds, du = logit_adjustments(p_l, prior_ulb, alpha, eps, dtype=torch.float64)
+        ds, du = ds.to(acc), du.to(acc)
+    else:
+        ds = du = torch.zeros(z_l.shape[1], dtype=acc, device=z_l.device)
+    hp = torch.tensor([lu, ld, float(t >= t0), float(temp)], dtype=acc, device=z_l.device)
+    return [z_l, y, z_w, z_s, ds, du, hp, tau]
+
+
+def as_fwd_outputs(out):
+    """flexda_step's nine outputs in flexda_fwd's layout (loss, terms[3], mask, ...)."""
+    loss, l_s, l_u, l_d, mask, pl, prior, g_lb, g_s = out
+    return loss, torch.stack([l_s, l_u, l_d]), mask, pl, prior, g_lb, g_s
+
+
+def check_step(op, logits, prior_lb, state, dtype, what, **kw):
+    """One call of the step op against the reference, and its effect on the state: Q_t from the
+    kernel's own prior_batch exactly as momentum_update computes it (or Q unchanged when it is not
+    finite), step + 1, skipped + !finite; nothing changed when update=False."""
+    q0, t0, k0 = (state["prior_ulb"].clone(), int(state["step"]), int(state["skipped"]))
+    args = step_args(logits, prior_lb, state, **kw)
+    out = op(*args)
+    assert len(out) == 9
+    for i in range(4):
+        assert out[i].dim() == 0, f"{what}: output {i} is not 0-d"
+    assert out[7].dtype == dtype and out[8].dtype == dtype
+    update = args[-1]
+    prior = out[6]
+    finite = bool(torch.isfinite(prior).all())
+    if update:
+        want_q, ok = momentum_update(q0, prior, args[18])
+        assert bool(ok) == finite
+        assert torch.equal(state["prior_ulb"], want_q), f"{what}: prior update differs"
+        assert int(state["step"]) == t0 + 1, f"{what}: step not advanced"
+        assert int(state["skipped"]) == k0 + (0 if finite else 1), f"{what}: skipped count"
+    else:
+        assert torch.equal(state["prior_ulb"], q0) and int(state["step"]) == t0
+        assert int(state["skipped"]) == k0, f"{what}: update=False changed the state"
+    if finite:
+        check_outputs(as_fwd_outputs(out), step_fwd_equivalent(args, q0, t0), what=what)
+        if not (t0 >= args[12]):
+            assert float(out[3]) == 0.0, f"{what}: distillation term before distill_start"
+    return out
+
+
+def run_steps(op, b, n, c, dtype, *, device="cpu", steps=4, nan_step=None, seed=0, **kw):
+    """`steps` consecutive steps with the state carried over: fresh logits each step, the prior
+    trajectory, step counter and skip count checked after every one. On `nan_step` one weak
+    logit is NaN, so prior_batch is not finite and the update is skipped."""
+    first = make_inputs(b, n, c, dtype=dtype, seed=seed, device=device)
+    prior_lb, prior_ulb = first[4], first[5]
+    state = make_state(prior_ulb, temperature=kw.pop("temperature", 1.0))
+    for k in range(steps):
+        logits = list(make_inputs(b, n, c, dtype=dtype, seed=seed + 1 + k, device=device)[:4])
+        if k == nan_step:
+            logits[2] = logits[2].clone()
+            logits[2][n // 2, c // 2] = float("nan")
+        out = check_step(op, logits, prior_lb, state, dtype, f"C={c} {dtype} step {k}", **kw)
+        if k == nan_step:
+            assert not bool(torch.isfinite(out[6]).all())
+    update = kw.get("update", True)
+    assert int(state["step"]) == (steps if update else 0)
+    assert int(state["skipped"]) == (1 if nan_step is not None and update else 0)
+    return state
+
+
+def bad_label_case(op_name, op, b, n, c, dtype, device="cpu"):
+    """Labels -1 and C on two rows (validation off): those rows get CE = NaN (so loss and loss_sup
+    are NaN) and an all-NaN gradient row; every other output matches the reference computed with
+    valid labels in their place."""
+    z_l, y, z_w, z_s, p_l, q = make_inputs(b, n, c, dtype=dtype, seed=c + 7, device=device)
+    bad = torch.tensor([0, b - 1], device=device)
+    y_bad = y.clone()
+    y_bad[0], y_bad[b - 1] = -1, c
+    if op_name == "flexda_fwd":
+        ds, du, hp = op_inputs(z_l, p_l, q, 0.6, temperature=0.8)
+        out = op(z_l, y_bad, z_w, z_s, ds, du, hp, 0.95)
+        fwd = [z_l, y, z_w, z_s, ds, du, hp, 0.95]
+        loss, terms, mask, pl, prior, g_lb, g_s = out
+        l_s, l_u, l_d = terms.unbind()
+    else:
+        state = make_state(q, temperature=0.8)
+        args = step_args((z_l, y_bad, z_w, z_s), p_l, state)
+        loss, l_s, l_u, l_d, mask, pl, prior, g_lb, g_s = op(*args)
+        fwd = step_fwd_equivalent(args, q, 0)
+        fwd[1] = y
+    want = reference(*fwd)
+    assert bool(torch.isnan(loss)) and bool(torch.isnan(l_s)), "bad label: loss is not NaN"
+    assert bool(torch.isnan(g_lb[bad]).all()), "bad label: gradient row is not all NaN"
+    good = torch.ones(b, dtype=torch.bool, device=device)
+    good[bad] = False
+    assert bool(torch.isfinite(g_lb[good]).all()), "bad label leaked into other rows"
+    # The other outputs are those of the valid-label reference (L_u, L_d included); loss, L_s and
+    # the two bad rows are taken from it, having been checked above.
+    acc = accumulate_dtype(dtype)
+    got = (want[0].to(acc).to(device), torch.stack([want[1][0].to(acc).to(device), l_u, l_d]),
+           mask, pl, prior, torch.where(good[:, None], g_lb, want[5].to(dtype).to(device)), g_s)
+    check_outputs(got, fwd, what=f"bad labels C={c}")
+
+
+def scale_case(op, dtype, device, n_lb, n_s, g, g_dtype=torch.float32, offset=0):
+    """scale_grads_ against `saved * grad.to(saved.dtype)`, bit for bit; `offset` elements of
+    misalignment put both tensors on the scalar path."""
+    gen = torch.Generator().manual_seed(n_lb + n_s)
+    def make(n):
+        buf = torch.randn(n + offset, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        return buf[offset:]
+    a, s = make(n_lb), make(n_s)
+    grad = torch.tensor(g, dtype=g_dtype, device=device)
+    want_a, want_s = a * grad.to(dtype), s * grad.to(dtype)
+    ptrs = (a.data_ptr(), s.data_ptr())
+    op(a, s, grad)
+    assert (a.data_ptr(), s.data_ptr()) == ptrs
+    assert torch.equal(a, want_a) and torch.equal(s, want_s), f"scale_grads_ {dtype} g={g}"
+
+
+# ------------------------------------------------------------------------------------------------
 # CPU emulation of the CUDA kernels (tests/cuda_emulator.cpp): runs in CI without a GPU
 # ------------------------------------------------------------------------------------------------
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EMULATOR_SOURCES = [os.path.join(HERE, "cuda_emulator.cpp"),
-                    os.path.join(HERE, "..", "csrc", "cuda", "flexda_cuda.cu")]
-
-
-@functools.lru_cache(maxsize=None)
 def emulated_op():
-    """torch.ops.adello_cuda_emu.flexda_fwd, built once per source version (~30 s)."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler to build the CUDA-kernel emulator")
-    from torch.utils.cpp_extension import load
-    digest = hashlib.sha1(b"".join(open(f, "rb").read() for f in EMULATOR_SOURCES)).hexdigest()
-    # The kernel file is #included, which the JIT's version check does not see: its hash goes
-    # into the flags so that an edited kernel is rebuilt. Grid cap 4: small tests loop over rows.
-    load(name="adello_cuda_emulator", sources=EMULATOR_SOURCES[:1], is_python_module=False,
-         extra_cflags=["-O1", "-std=c++20", "-DADELLO_GRID_CAP=4", f"-DADELLO_SRC_{digest[:12]}"])
-    return torch.ops.adello_cuda_emu.flexda_fwd
+    return emulator_ops().flexda_fwd
 
 
 def cpu_case(b, n, c, dtype, mode, seed=0):
@@ -373,14 +512,16 @@ def cpu_case(b, n, c, dtype, mode, seed=0):
 
 
 # (C, dtype, B, N, mode): every regime once, the modes and dtypes spread over them. With the grid
-# capped at 4 blocks per role, N > 16 (warp regime) or N > 4 (block regimes) loops over rows.
+# capped at 4 blocks per role, N > 16 (warp regime) or N > 4 (pair / block regimes) loops over
+# rows.
 EMULATED_CASES = [
     (1, torch.float32, 5, 9, "distill-T0.6"),         # warp/4, a single class
     (10, torch.bfloat16, 5, 21, "distill-T1"),        # warp/4, rows loop in the warps
     (127, torch.float16, 9, 40, "distill-T0.6"),      # warp/4, odd rows unaligned
     (200, torch.float32, 7, 30, "nodistill-T2.5"),    # warp/8
     (500, torch.bfloat16, 9, 33, "distill-T0.6"),     # warp/16
-    (1000, torch.float32, 6, 18, "distill-T0.6"),     # warp/32
+    (1000, torch.float32, 6, 18, "distill-T0.6"),     # pair of warps, 16 per lane
+    (777, torch.float16, 5, 11, "distill-T1"),        # pair of warps, odd C
     (2000, torch.float16, 3, 9, "distill-T1"),        # block of 128
     (3000, torch.float32, 3, 9, "distill-T0.6"),      # block of 256
     (4097, torch.bfloat16, 3, 9, "nodistill-T2.5"),   # block of 512
@@ -390,17 +531,18 @@ EMULATED_CASES = [
     (300, torch.float64, 5, 30, "nodistill-T2.5"),    # fp64 warp/16
     (600, torch.float64, 3, 9, "distill-T0.6"),       # fp64 looped
 ]
+CASE_IDS = [f"C{c}-{str(d)[6:]}-{m}" for c, d, _, _, m in EMULATED_CASES]
 
 
-@pytest.mark.parametrize("c,dtype,b,n,mode", EMULATED_CASES,
-                         ids=[f"C{c}-{str(d)[6:]}-{m}" for c, d, _, _, m in EMULATED_CASES])
+@pytest.mark.parametrize("c,dtype,b,n,mode", EMULATED_CASES, ids=CASE_IDS)
 def test_emulated_kernel_matches_reference(c, dtype, b, n, mode):
     args = cpu_case(b, n, c, dtype, mode, seed=c)
     got = emulated_op()(*args)
     assert got[5].dtype == dtype and got[6].dtype == dtype
     if not MODES[mode][0]:
         assert float(got[1][2]) == 0.0
-    assert_outputs_close(got, reference(*args), args[2], dtype, what=f"emulated C={c} {mode}")
+    assert_outputs_close(got, reference(*args), args[2], dtype, what=f"emulated C={c} {mode}",
+                         args=args)
 
 
 @pytest.mark.parametrize("c,dtype", [(127, torch.float16), (1000, torch.float32),
@@ -428,25 +570,256 @@ def test_emulated_kernel_large_strong_logits():
     assert_outputs_close(got, reference(*args), args[2], torch.float32, what="large logits")
 
 
+# flexda_step: (C, dtype, B, N, temperature, steps). Every regime; with the emulator's 16 KB
+# budget for the adjustment vector, the looped fp32/bf16 cases at C = 9000 (C > 8192) and fp64
+# at C = 3000 recompute each adjustment per element, fp64 at C = 600 keeps it in shared memory.
+# The wide regimes run fewer, smaller steps: the emulator runs a 512- or 1024-thread block as OS
+# threads meeting at barriers, ~100x slower per element than the warp regimes.
+STEP_CASES = [
+    (1, torch.float32, 5, 9, 0.6, 4),        # warp/4, a single class
+    (10, torch.bfloat16, 5, 21, 1.0, 4),     # warp/4, rows loop
+    (127, torch.float16, 9, 40, 0.6, 4),     # warp/4, odd C
+    (200, torch.float32, 7, 30, 2.5, 4),     # warp/8
+    (500, torch.bfloat16, 9, 33, 0.6, 4),    # warp/16
+    (1000, torch.float32, 6, 18, 0.7, 4),    # pair of warps
+    (2000, torch.float16, 3, 9, 1.0, 3),     # block of 128
+    (3000, torch.float32, 2, 6, 0.6, 3),     # block of 256
+    (4097, torch.bfloat16, 2, 5, 2.5, 3),    # block of 512, odd C
+    (9000, torch.float32, 2, 5, 0.6, 3),     # looped, adjustments recomputed per element
+    (10, torch.float64, 5, 40, 0.6, 4),      # fp64 warp/4
+    (300, torch.float64, 5, 30, 2.5, 4),     # fp64 warp/16
+    (600, torch.float64, 3, 9, 0.6, 4),      # fp64 looped, adjustments in shared memory
+    (3000, torch.float64, 2, 5, 1.0, 3),     # fp64 looped, recomputed
+]
+STEP_IDS = [f"C{c}-{str(d)[6:]}-T{t}" for c, d, _, _, t, _ in STEP_CASES]
+
+
+@pytest.mark.parametrize("c,dtype,b,n,temperature,steps", STEP_CASES, ids=STEP_IDS)
+def test_emulated_step_over_several_steps(c, dtype, b, n, temperature, steps):
+    """Consecutive steps with the state carried over: the prologue reads the mutated Q and t each
+    step (alpha_t moves, the distillation gate flips on at t = 2), step 1 has a NaN weak logit so
+    the prior update is skipped (and counted), every finite step matches the reference."""
+    run_steps(emulator_ops().flexda_step, b, n, c, dtype, steps=steps, nan_step=1, seed=c,
+              temperature=temperature, distill_start=2, total_steps=5)
+
+
+@pytest.mark.parametrize("c,dtype", [(127, torch.float32), (1000, torch.bfloat16),
+                                     (600, torch.float64)])
+def test_emulated_step_without_update_leaves_state(c, dtype):
+    """update=False: outputs as usual (from the unchanged state every time), state untouched,
+    even on a step whose batch prior is not finite."""
+    run_steps(emulator_ops().flexda_step, 3, 9, c, dtype, steps=3, nan_step=1, seed=3,
+              update=False, temperature=0.8)
+
+
+@pytest.mark.parametrize("c,dtype", [(10, torch.float32), (1000, torch.float16),
+                                     (3000, torch.float64)])
+def test_emulated_step_flexda_off(c, dtype):
+    """flexda=False: no logit adjustment (ds = du = 0) in every regime, the update still runs."""
+    run_steps(emulator_ops().flexda_step, 3, 9, c, dtype, steps=2, seed=4, flexda=False,
+              temperature=1.5, lambda_u=0.5, lambda_d=2.0)
+
+
+def test_emulated_step_state_dtypes_and_layouts():
+    """A float64 prior_ulb (updated in float64), a strided prior_lb, a bf16 temperature tensor,
+    and training past total_steps (alpha clamps at alpha_min)."""
+    ops = emulator_ops()
+    z_l, y, z_w, z_s, p_l, q = make_inputs(5, 21, 100, seed=8)
+    state = make_state(q.double(), step=70)
+    state["temperature"] = torch.tensor(0.75, dtype=torch.bfloat16)
+    check_step(ops.flexda_step, (z_l, y, z_w, z_s), strided_vector(p_l), state, torch.float32,
+               "state layouts", total_steps=50)
+    assert state["prior_ulb"].dtype == torch.float64
+
+
+def test_emulated_step_agrees_with_fwd():
+    """flexda_step = its prologue + flexda_fwd: fed the same adjustments (computed by the
+    reference in float64 and rounded once, as the prologue does) and hyperparameters, the rows
+    and the reduce are the same code, so the outputs agree to the last few ulp."""
+    ops = emulator_ops()
+    z_l, y, z_w, z_s, p_l, q = make_inputs(6, 22, 64, seed=9)
+    state = make_state(q, step=7, temperature=0.9)
+    args = step_args((z_l, y, z_w, z_s), p_l, state, update=False, distill_start=3)
+    got = as_fwd_outputs(ops.flexda_step(*args))
+    alpha = alpha_schedule(7, args[9], args[10], args[11])
+    ds, du = logit_adjustments(p_l, q, alpha, args[15], dtype=torch.float64)
+    hp = torch.tensor([args[13], args[14], 1.0, 0.9], dtype=torch.float32)
+    want = ops.flexda_fwd(z_l, y, z_w, z_s, ds.float(), du.float(), hp, args[17])
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.allclose(g.double(), w.double(), rtol=1e-6, atol=1e-7), f"output {i}"
+
+
+@pytest.mark.parametrize("op_name", ["flexda_fwd", "flexda_step"])
+@pytest.mark.parametrize("c,dtype", [(10, torch.float32), (1000, torch.bfloat16),
+                                     (3000, torch.float32), (600, torch.float64)])
+def test_emulated_bad_labels_give_a_nan_row(op_name, c, dtype):
+    """warp, pair, block and looped regimes (the looped one in fp64, where it starts at C > 512)."""
+    ops = emulator_ops()
+    bad_label_case(op_name, getattr(ops, op_name), 6, 9, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+def test_emulated_scale_grads(dtype):
+    """Both tensors scaled in place in one grid (vectors, then the tails; misaligned tensors take
+    the scalar path), a grad of exactly 1 leaves them untouched, a tensor with no elements is
+    skipped, and a grad of another dtype is rounded to the gradient dtype first."""
+    op = emulator_ops().scale_grads_
+    for n_lb, n_s, offset in ((3000, 5001, 0), (7, 9, 1), (0, 130, 0), (130, 0, 1), (0, 0, 0)):
+        scale_case(op, dtype, "cpu", n_lb, n_s, 2.5, offset=offset)
+        scale_case(op, dtype, "cpu", n_lb, n_s, 1.0, offset=offset)
+    scale_case(op, dtype, "cpu", 1000, 999, -0.3, g_dtype=torch.float64)
+    scale_case(op, dtype, "cpu", 1000, 999, 1.7, g_dtype=torch.bfloat16)
+
+
+def test_emulated_scale_grads_rejects_bad_input():
+    op = emulator_ops().scale_grads_
+    a, s = torch.zeros(4, 3), torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="grad_loss"):
+        op(a, s, torch.ones(2))
+    with pytest.raises(ValueError, match="grad_ulb_s"):
+        op(a, torch.zeros(5, 3).t(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="share a dtype"):
+        op(a, s.double(), torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# flexda_step / scale_grads_ on the GPU
+# ------------------------------------------------------------------------------------------------
+
+def _cuda_step_built() -> bool:
+    return (backends._load_extension() and flexda_ops.has_kernel("flexda_step", "CUDA")
+            and flexda_ops.has_kernel("scale_grads_", "CUDA"))
+
+
+needs_cuda_step = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _cuda_step_built()),
+    reason="needs a CUDA GPU and adello_kernels._C built with the CUDA step kernels")
+
+
+def _cuda_step_op(*args):
+    # Below autograd: the kernel itself (the module's autograd wraps the same call).
+    with torch.no_grad():
+        return torch.ops.adello.flexda_step(*args)
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("c", [1, 10, 127, 500, 1000, 3000, 4097, 9000, 32768])
+def test_cuda_step_over_several_steps(c, dtype):
+    if dtype == torch.float64 and c > 9000:
+        pytest.skip("fp64 at C = 32768 adds nothing over C = 9000 (same looped kernel)")
+    b, n = rows_for(c)
+    run_steps(_cuda_step_op, b, n, c, dtype, device="cuda", steps=4, nan_step=1, seed=c,
+              temperature=0.7, distill_start=2, total_steps=5)
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+@pytest.mark.parametrize("c", [127, 1000, 9000])
+def test_cuda_step_update_off_and_flexda_off(c):
+    run_steps(_cuda_step_op, 40, 90, c, torch.float32, device="cuda", steps=2, nan_step=0,
+              seed=31, update=False)
+    run_steps(_cuda_step_op, 40, 90, c, torch.float32, device="cuda", steps=2, seed=32,
+              flexda=False, temperature=2.0)
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+@pytest.mark.parametrize("op_name", ["flexda_fwd", "flexda_step"])
+@pytest.mark.parametrize("c", [10, 1000, 3000, 9000])
+def test_cuda_bad_labels_give_a_nan_row(op_name, c):
+    bad_label_case(op_name, getattr(torch.ops.adello, op_name), 33, 70, c, torch.float32, "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+def test_cuda_scale_grads(dtype):
+    op = torch.ops.adello.scale_grads_
+    for n_lb, n_s, offset in ((65536 * 3, 100003, 0), (7, 9, 1), (0, 130, 0), (0, 0, 0)):
+        scale_case(op, dtype, "cuda", n_lb, n_s, 2.5, offset=offset)
+        scale_case(op, dtype, "cuda", n_lb, n_s, 1.0, offset=offset)
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+def test_cuda_step_bit_identical_and_sync_free():
+    """No float atomics, no host sync: repeated steps from the same state give the same bits, and
+    a step plus scale_grads_ runs under sync debug mode "error"."""
+    z_l, y, z_w, z_s, p_l, q = make_inputs(2048, 4096, 1000, dtype=torch.bfloat16, seed=40,
+                                           device="cuda")
+    outs = []
+    for _ in range(3):
+        state = make_state(q, step=3, temperature=0.9)
+        outs.append(_cuda_step_op(*step_args((z_l, y, z_w, z_s), p_l, state)) + (state["prior_ulb"],))
+    for again in outs[1:]:
+        for i, (g, w) in enumerate(zip(again, outs[0])):
+            assert torch.equal(g, w), f"output {i} differs between runs"
+    state = make_state(q, temperature=0.9)
+    args = step_args((z_l, y, z_w, z_s), p_l, state)
+    grad = torch.tensor(2.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _cuda_step_op(*args)
+        torch.ops.adello.scale_grads_(out[7], out[8], grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+def test_cuda_step_graph_capture():
+    """flexda_step (update on) + scale_grads_ captured once and replayed: each replay advances the
+    state exactly as eager calls do."""
+    c = 100
+    z_l, y, z_w, z_s, p_l, q = make_inputs(48, 96, c, seed=41, device="cuda")
+    eager, graphed = make_state(q, temperature=0.8), make_state(q, temperature=0.8)
+    static = [t.clone() for t in (z_l, y, z_w, z_s)]
+    grad = torch.tensor(3.0, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        _cuda_step_op(*step_args(static, p_l, make_state(q)))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_static = _cuda_step_op(*step_args(static, p_l, graphed, distill_start=1))
+        torch.ops.adello.scale_grads_(out_static[7], out_static[8], grad)
+    for k in range(3):
+        data = make_inputs(48, 96, c, seed=50 + k, device="cuda")[:4]
+        for s_, d in zip(static, data):
+            s_.copy_(d)
+        graph.replay()
+        want = _cuda_step_op(*step_args(data, p_l, eager, distill_start=1))
+        torch.ops.adello.scale_grads_(want[7], want[8], grad)
+        torch.cuda.synchronize()
+        for i, (g, w) in enumerate(zip(out_static, want)):
+            assert torch.equal(g, w), f"replay {k}: output {i} differs from the eager step"
+        for key in ("prior_ulb", "step", "skipped"):
+            assert torch.equal(graphed[key], eager[key]), f"replay {k}: {key}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Build check (CPU; meaningful in the CUDA venv of tests/cuda_build_check.sh)
 # ------------------------------------------------------------------------------------------------
 
-# CPU-only by design: adello::flexda_step is the CPU fast path of an ADELLOLoss step (prologue +
-# kernel + C++ autograd in one call, adello_kernels/ops/step.py); on a GPU the module runs
-# adello_prepare + flexda_fwd, which the check below covers.
-CPU_ONLY_OPS = {"adello::flexda_step"}
+# The ops implemented in csrc/cuda: their CUDA kernel must be the C++ one.
+CPP_CUDA_OPS = ("adello::flexda_fwd", "adello::flexda_step", "adello::scale_grads_")
 
 
 def _adello_ops() -> list[str]:
-    backends._load_triton()  # adello::flexda_fwd_triton registers its kernels on import
-    names = {"adello::" + n for n in flexda_ops.OP_NAMES}
+    backends._load_triton()  # adello::*_triton register their kernels on import
+    names = {"adello::" + n for n in flexda_ops.OP_NAMES} | set(CPP_CUDA_OPS)
     names |= {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("adello::")}
-    return sorted(names - CPU_ONLY_OPS)
+    return sorted(names)
 
 
-@pytest.mark.parametrize("op", _adello_ops())
-def test_every_adello_op_has_a_cuda_kernel_in_a_cuda_build(op):
+def _require_cuda_build():
     if torch.version.cuda is None:
         pytest.skip("CPU build of torch: the CUDA build check runs in the CUDA venv "
                     "(tests/cuda_build_check.sh)")
@@ -454,5 +827,31 @@ def test_every_adello_op_has_a_cuda_kernel_in_a_cuda_build(op):
     if CUDA_HOME is None:
         pytest.skip("no CUDA toolkit found (set CUDA_HOME): the CUDA sources cannot be built")
     assert backends._load_extension(), "adello_kernels._C is not built or failed to load"
+
+
+def cuda_registration(op: str) -> str | None:
+    """The dispatcher's line for op's CUDA kernel ("CUDA: registered at <file>:<line> :: ..."),
+    or None."""
+    for line in torch._C._dispatch_dump(op).splitlines():
+        if line.startswith("CUDA:"):
+            return line
+    return None
+
+
+@pytest.mark.parametrize("op", _adello_ops())
+def test_every_adello_op_has_a_cuda_kernel_in_a_cuda_build(op):
+    _require_cuda_build()
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), \
         f"{op} has no kernel for the CUDA dispatch key in this CUDA build"
+
+
+@pytest.mark.parametrize("op", CPP_CUDA_OPS)
+def test_cuda_kernel_is_the_cpp_one_in_a_cuda_build(op):
+    """A Python function registered for CUDA (a leftover PyTorch fallback) would pass the check
+    above while running ~20 ATen launches instead of the fused kernel."""
+    _require_cuda_build()
+    line = cuda_registration(op)
+    assert line is not None, f"{op}: no CUDA kernel registered"
+    where = line.split("registered at", 1)[-1].split("::", 1)[0].strip()
+    assert "csrc/cuda/" in where and ".py" not in where, f"{op}: CUDA kernel from {where}"
+    assert "unboxed" in line, f"{op}: CUDA kernel is not a C++ function: {line}"
