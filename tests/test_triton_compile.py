@@ -49,8 +49,9 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 
 def _signature(kernel, pointer_types: dict[str, str]) -> tuple[dict, dict]:
-    """Triton signature (every argument of `kernel` typed; ints as i32, thr_bits as i64,
-    constexprs as 'constexpr') and the 16-byte alignment attributes of its pointers."""
+    """Triton signature (every argument of `kernel` typed; ints as i32, the float64 bit patterns
+    *_bits as i64, constexprs as 'constexpr') and the 16-byte alignment attributes of its
+    pointers."""
     sig, attrs = {}, {}
     for i, p in enumerate(kernel.params):
         name = p.name
@@ -60,7 +61,7 @@ def _signature(kernel, pointer_types: dict[str, str]) -> tuple[dict, dict]:
             sig[name] = "*" + pointer_types[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "i64" if name == "thr_bits" else "i32"
+            sig[name] = "i64" if name.endswith("_bits") else "i32"
     return sig, attrs
 
 
@@ -70,12 +71,27 @@ def _aligned(kernel, attrs: dict, name: str) -> dict:
     return {**attrs, (index,): [["tt.divisibility", 16]]}
 
 
-def _fwd_pointer_types(dtype: torch.dtype) -> dict[str, str]:
+def _fwd_pointer_types(dtype: torch.dtype, step: bool = False) -> dict[str, str]:
+    """Pointer types of `_rows_kernel`: flexda_fwd_triton passes ds, du and hparams in the acc
+    dtype (and hparams again as the unused step pointer); flexda_step_triton the fp32 priors, the
+    fp32 temperature and the int64 step counter."""
     e = TRITON_TYPE[dtype]
     a = "fp64" if dtype == torch.float64 else "fp32"
-    return {"zl_ptr": e, "zw_ptr": e, "zs_ptr": e, "glb_ptr": e, "gs_ptr": e,
-            "y_ptr": "i64", "plab_ptr": "i64", "ds_ptr": a, "du_ptr": a, "hp_ptr": a,
-            "loss_part_ptr": a, "prior_part_ptr": a, "mask_ptr": a}
+    types = {"zl_ptr": e, "zw_ptr": e, "zs_ptr": e, "glb_ptr": e, "gs_ptr": e,
+             "y_ptr": "i64", "plab_ptr": "i64", "loss_part_ptr": a, "prior_part_ptr": a,
+             "mask_ptr": a}
+    if step:
+        types.update(adj_l_ptr="fp32", adj_u_ptr="fp32", hp_ptr="fp32", step_ptr="i64")
+    else:
+        types.update(adj_l_ptr=a, adj_u_ptr=a, hp_ptr=a, step_ptr=a)
+    return types
+
+
+def _rows_constexprs(cfg, mode: str) -> dict:
+    """mode: 'fwd' (flexda_fwd_triton), 'step' (flexda_step_triton, flexda on), 'step-noflexda'."""
+    adj = {"fwd": ft.ADJ_LOADED, "step": ft.ADJ_PRIORS, "step-noflexda": ft.ADJ_ZERO}[mode]
+    return {"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c,
+            "ADJ": adj.value, "STEP": mode != "fwd"}
 
 
 def _local_memory_bytes(cubin: bytes, tmp_path) -> int | None:
@@ -102,14 +118,21 @@ def _check_binary(compiled, arch: int) -> None:
     assert isinstance(cubin, bytes) and cubin[:4] == b"\x7fELF", "no cubin produced"
 
 
-FWD_CASES = [(dtype, cfg, arch) for dtype in ft.LOGITS_DTYPES
-             for cfg in ft.all_kernel_configs(dtype) for arch in ARCHS]
+# The step kernel (the training path) on both architectures; the row op's variant (same row
+# code, ds/du loaded instead of computed) and the flexda=False step on sm_90 only, to bound the
+# CPU time of this file.
+FWD_CASES = ([(dtype, cfg, arch, "step") for dtype in ft.LOGITS_DTYPES
+              for cfg in ft.all_kernel_configs(dtype) for arch in ARCHS]
+             + [(dtype, cfg, 90, "fwd") for dtype in ft.LOGITS_DTYPES
+                for cfg in ft.all_kernel_configs(dtype)]
+             + [(torch.float32, ft.kernel_config(c, torch.float32), 90, "step-noflexda")
+                for c in (1000, 20000)])
 
 
 def _fwd_id(case) -> str:
-    dtype, cfg, arch = case
+    dtype, cfg, arch, mode = case
     regime = "loop" if cfg.loop_c else "fused"
-    return (f"sm{arch}-{DTYPE_IDS[dtype]}-{regime}-rows{cfg.rows}-block{cfg.block_c}"
+    return (f"{mode}-sm{arch}-{DTYPE_IDS[dtype]}-{regime}-rows{cfg.rows}-block{cfg.block_c}"
             f"-w{cfg.num_warps}-{'rows16B' if cfg.aligned else 'unaligned'}")
 
 
@@ -122,18 +145,23 @@ def test_dispatcher_choices_are_all_listed():
             assert ft.kernel_config(c, dtype) in listed, (dtype, c)
 
 
-@pytest.mark.parametrize("case", FWD_CASES, ids=_fwd_id)
-def test_fwd_kernel_compiles(case, tmp_path):
-    dtype, cfg, arch = case
-    sig, attrs = _signature(ft._flexda_fwd_kernel, _fwd_pointer_types(dtype))
+def compile_rows(dtype, cfg, arch: int, mode: str = "step"):
+    """`_rows_kernel` compiled for one specialisation (the launcher's options)."""
+    kernel = ft._rows_kernel
+    sig, attrs = _signature(kernel, _fwd_pointer_types(dtype, mode != "fwd"))
     if cfg.aligned:
-        attrs = _aligned(ft._flexda_fwd_kernel, attrs, "row_bytes")
-    src = ASTSource(fn=ft._flexda_fwd_kernel, signature=sig, attrs=attrs,
-                    constexprs={"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c})
+        attrs = _aligned(kernel, attrs, "row_bytes")
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs, constexprs=_rows_constexprs(cfg, mode))
     options = {"num_warps": cfg.num_warps}
     if cfg.maxnreg:
         options["maxnreg"] = cfg.maxnreg
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=_fwd_id)
+def test_fwd_kernel_compiles(case, tmp_path):
+    dtype, cfg, arch, mode = case
+    compiled = compile_rows(dtype, cfg, arch, mode)
     _check_binary(compiled, arch)
     if cfg.aligned:
         vector = "ld.global.v2.b64" if dtype == torch.float64 else "ld.global.v4"
@@ -144,16 +172,41 @@ def test_fwd_kernel_compiles(case, tmp_path):
         assert spill is None or spill <= 16, f"{spill} bytes of local memory per thread"
 
 
+def _finalize_pointer_types(acc: str, step: bool) -> dict[str, str]:
+    types = {name: acc for name in ("loss_part_ptr", "prior_part_ptr", "loss_ptr", "ls_ptr",
+                                    "lu_ptr", "ld_ptr", "prior_ptr")}
+    if step:   # temperature, step, skipped_updates, prior_ulb (fp32 state)
+        types.update(hp_ptr="fp32", step_ptr="i64", skipped_ptr="i64", q_ptr="fp32")
+    else:      # hparams (the state pointers are unused stand-ins)
+        types.update(hp_ptr=acc, step_ptr=acc, skipped_ptr=acc, q_ptr=acc)
+    return types
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("acc", ["fp32", "fp64"])
-def test_finalize_kernel_compiles(acc, arch):
-    ptrs = {name: acc for name in ("loss_part_ptr", "prior_part_ptr", "hp_ptr", "loss_ptr",
-                                   "terms_ptr", "prior_ptr")}
-    sig, attrs = _signature(ft._flexda_finalize_kernel, ptrs)
-    src = ASTSource(fn=ft._flexda_finalize_kernel, signature=sig, attrs=attrs,
-                    constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C})
+@pytest.mark.parametrize("mode", [(False, False), (True, False), (True, True)],
+                         ids=["fwd", "step", "step-update"])
+def test_finalize_kernel_compiles(acc, arch, mode):
+    step, update = mode
+    sig, attrs = _signature(ft._finalize_kernel, _finalize_pointer_types(acc, step))
+    src = ASTSource(fn=ft._finalize_kernel, signature=sig, attrs=attrs,
+                    constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C,
+                                "STEP": step, "UPDATE": update})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": ft.FIN_NUM_WARPS})
+    _check_binary(compiled, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("dtype", ft.LOGITS_DTYPES, ids=DTYPE_IDS.get)
+def test_scale_kernel_compiles(dtype, arch):
+    e = TRITON_TYPE[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    sig, attrs = _signature(ft._scale_kernel, {"a_ptr": e, "b_ptr": e, "g_ptr": acc})
+    src = ASTSource(fn=ft._scale_kernel, signature=sig, attrs=attrs,
+                    constexprs={"BLOCK": ft.SCALE_BLOCK})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": ft.SCALE_NUM_WARPS})
     _check_binary(compiled, arch)
 
 
@@ -168,11 +221,10 @@ UNIT_CASES = [(torch.float32, ft.kernel_config(1000, torch.float32)),
 def test_fwd_kernel_compiles_with_one_row(case, arch):
     """B = N = 1: Triton's JIT passes them as constexpr 1."""
     dtype, cfg = case
-    sig, attrs = _signature(ft._flexda_fwd_kernel, _fwd_pointer_types(dtype))
+    sig, attrs = _signature(ft._rows_kernel, _fwd_pointer_types(dtype, True))
     sig["B"] = sig["N"] = "constexpr"
-    src = ASTSource(fn=ft._flexda_fwd_kernel, signature=sig, attrs=attrs,
-                    constexprs={"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c,
-                                "B": 1, "N": 1})
+    src = ASTSource(fn=ft._rows_kernel, signature=sig, attrs=attrs,
+                    constexprs={**_rows_constexprs(cfg, "step"), "B": 1, "N": 1})
     options = {"num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
     _check_binary(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), arch)
 
@@ -180,14 +232,74 @@ def test_fwd_kernel_compiles_with_one_row(case, arch):
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 def test_finalize_kernel_compiles_with_unit_sizes(arch):
     """P = B = N = C = 1 (one program, one class): constexpr 1 for each."""
-    ptrs = {name: "fp32" for name in ("loss_part_ptr", "prior_part_ptr", "hp_ptr", "loss_ptr",
-                                      "terms_ptr", "prior_ptr")}
-    sig, attrs = _signature(ft._flexda_finalize_kernel, ptrs)
+    sig, attrs = _signature(ft._finalize_kernel, _finalize_pointer_types("fp32", True))
     for name in ("P", "B", "N", "C"):
         sig[name] = "constexpr"
-    src = ASTSource(fn=ft._flexda_finalize_kernel, signature=sig, attrs=attrs,
+    src = ASTSource(fn=ft._finalize_kernel, signature=sig, attrs=attrs,
                     constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C,
-                                "P": 1, "B": 1, "N": 1, "C": 1})
+                                "STEP": True, "UPDATE": True, "P": 1, "B": 1, "N": 1, "C": 1})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": ft.FIN_NUM_WARPS})
     _check_binary(compiled, arch)
+
+
+# ---- registers, spills and occupancy at the bandwidth shape ---------------------------------
+
+def resource_usage(cubin: bytes, tmp_path) -> dict[str, int] | None:
+    """REG / STACK / LOCAL / SHARED of a cubin from cuobjdump (None: no cuobjdump)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        tool = shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    return {k: int(v) for k, v in (tok.split(":", 1) for tok in out.split()
+                                   if ":" in tok and tok.split(":", 1)[1].isdigit())}
+
+
+def register_report(tmp_path, classes: int = 1000, arch: int = 90) -> list[dict]:
+    """The step kernel's resources at C = `classes` for fp32 and bf16 on sm_`arch`, and the
+    programs per SM that `ft.occupancy` (what the launcher's grid uses) derives from them."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = ft.kernel_config(classes, dtype)
+        compiled = compile_rows(dtype, cfg, arch, "step")
+        res = resource_usage(compiled.asm["cubin"], tmp_path) or {}
+        shared = int(compiled.metadata.shared)
+        regs = res.get("REG")
+        rows.append({"dtype": DTYPE_IDS[dtype], "config": cfg._asdict(), "n_regs": regs,
+                     "n_spills_bytes": res.get("STACK", 0) + res.get("LOCAL", 0),
+                     "shared": shared,
+                     "programs_per_sm": regs and ft.occupancy(regs, shared, cfg.num_warps)})
+    return rows
+
+
+def test_bandwidth_shape_grid_matches_what_fits(tmp_path):
+    """At the bandwidth shape (C = 1000) the register cap must hold without a spill, and the
+    occupancy it implies (the launcher's grid) must be what the cap was chosen for: two 8-warp
+    programs per SM. A kernel change that needs more registers shows up here as a spill or as
+    fewer programs per SM (and the grid follows it)."""
+    for row in register_report(tmp_path):
+        print(row)
+        if row["n_regs"] is None:
+            pytest.skip("no cuobjdump: register counts unavailable")
+        cfg = row["config"]
+        assert row["n_spills_bytes"] <= 16, row
+        assert cfg["maxnreg"] is None or row["n_regs"] <= cfg["maxnreg"], row
+        expect = ft.occupancy(cfg["maxnreg"] or row["n_regs"], row["shared"], cfg["num_warps"])
+        assert row["programs_per_sm"] == expect >= 2, row
+
+
+def test_occupancy_arithmetic():
+    """The occupancy formula on Hopper limits: registers in 256-register warp units, warps,
+    shared memory, 32 blocks."""
+    assert ft.occupancy(128, 0, 8) == 2          # 128 x 32 x 8 = 32 K registers a program
+    assert ft.occupancy(151, 0, 8) == 1          # 152 x 256 x 8 > 32 K
+    assert ft.occupancy(80, 0, 8) == 3
+    assert ft.occupancy(64, 0, 8) == 4
+    assert ft.occupancy(32, 0, 4) == 16          # warps: 64 / 4
+    assert ft.occupancy(16, 0, 1) == 32          # the block limit
+    assert ft.occupancy(32, 100 * 1024, 4) == 2  # shared memory: 228 KiB / 100 KiB

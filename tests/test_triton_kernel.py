@@ -1,5 +1,7 @@
-"""The Triton kernel of `adello::flexda_fwd_triton` (adello_kernels/ops/flexda_triton.py) against
-the float64 reference, on CPU under Triton's interpreter and, when present, on a GPU.
+"""The Triton kernels (adello_kernels/ops/flexda_triton.py) of `adello::flexda_fwd_triton` and of
+the whole training step `adello::flexda_step_triton` (prologue from the state, rows, reduce,
+prior/step update, and the in-place scale of the backward) against the float64 reference, on CPU
+under Triton's interpreter and, when present, on a GPU.
 
 How the interpreter tests run. TRITON_INTERPRET=1 only takes effect if it is set before the
 kernels are decorated (when adello_kernels.ops.flexda_triton is first imported). `pytest tests/`
@@ -12,7 +14,7 @@ change what every later test sees (`available_backends()` on CPU). So this file 
     the repository root on PYTHONPATH) and fails with the child's output if any child test fails.
 The GPU tests (marked `gpu`) run in the normal process, without the interpreter, on CUDA.
 
-Tolerances (SPEC.md section 6): fp32 losses rel 1e-5 and gradients 1e-6 * max(1, max|grad|);
+Tolerances (docs/contract.md): fp32 losses rel 1e-5 and gradients 1e-6 * max(1, max|grad|);
 bf16/fp16 losses rel 1e-2 and gradients 2e-2 * max|grad|; masks and pseudo-labels exact except
 rows whose weak max probability is within 1e-5 of tau or whose top two weak logits tie within 1e-5.
 The reference runs in float64 on the same (already rounded) inputs.
@@ -68,7 +70,7 @@ def hparams(lambda_u, lambda_d, gate, temperature, dtype, device="cpu"):
 
 
 def ambiguous_rows(z_w: torch.Tensor, tau: float) -> torch.Tensor:
-    """Rows exempt from exact mask / pseudo-label equality (SPEC.md section 6): max probability
+    """Rows exempt from exact mask / pseudo-label equality (docs/contract.md): max probability
     within 1e-5 of tau, or top two logits within 1e-5 of each other. Exact ties (frequent in
     bf16) are not exempt: the contract takes the first index of the max, which is exact."""
     z = z_w.double()
@@ -103,7 +105,7 @@ def assert_close_grad(g, r, dtype, what):
 
 
 def assert_matches(out, ref, args, tau, dtype, *, both_masks=True):
-    """Every output of the op against the float64 reference, at SPEC.md section 6 tolerances."""
+    """Every output of the op against the float64 reference, at docs/contract.md tolerances."""
     loss, terms, mask, plab, prior, g_l, g_s = out
     r_loss, r_terms, r_mask, r_plab, r_prior, r_gl, r_gs = ref
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -150,12 +152,18 @@ def test_interpreter_suite():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_op_has_cuda_kernel_after_import():
-    """Every adello:: op needs a CUDA-key kernel: importing the Triton module registers it."""
+@pytest.mark.parametrize("op_name", ["flexda_fwd_triton", "flexda_step_triton"])
+def test_op_has_cuda_kernel_after_import(op_name):
+    """Every adello:: op needs a CUDA-key kernel: importing the Triton module registers it, and
+    the CPU key only under the interpreter. (That the CUDA kernel is the Triton launcher, not
+    just any kernel, is checked by test_cuda_key_runs_the_triton_launcher in the child.)"""
     from adello_kernels.ops import flexda as ops
-    from adello_kernels.ops import flexda_triton  # noqa: F401
-    assert ops.has_kernel("flexda_fwd_triton", "CUDA")
-    assert ops.has_kernel("flexda_fwd_triton", "CPU") == flexda_triton.INTERPRETED
+    from adello_kernels.ops import flexda_triton
+    assert ops.has_kernel(op_name, "CUDA")
+    assert ops.has_kernel(op_name, "CPU") == flexda_triton.INTERPRETED
+    dump = torch._C._dispatch_dump("adello::" + op_name)
+    cuda_line = next(line for line in dump.splitlines() if line.startswith("CUDA:"))
+    assert "torch/library.py" in cuda_line or "flexda_triton" in cuda_line, cuda_line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def test_bf16_accumulates_in_fp32(ft):
 def test_large_logits_do_not_cancel(ft, temperature):
     """Logits around 1e4: the cross-entropies are formed from per-element differences
     (log s + (m - x[y]), log s' + sum_c q_c (m - a_c) / T), which are exact here, so fp32 keeps
-    the spec tolerance; the naive lse(x) - x[y] or lse(a/T) - sum_c q_c a_c / T loses ~1e-3.
+    the contract's tolerance; the naive lse(x) - x[y] or lse(a/T) - sum_c q_c a_c / T loses ~1e-3.
     The adjustments are zero: x = z + ds is rounded to fp32 by contract, and at 1e4 that rounding
     alone (ulp 1e-3) would move the losses by more than the fp32 tolerance, in any fp32 kernel."""
     b, n, c = 10, 12, 100
@@ -344,6 +352,443 @@ def test_opcheck(ft):
     torch.library.opcheck(torch.ops.adello.flexda_fwd_triton, (*args, hp, 0.9),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
+
+
+@interp
+def test_cuda_key_runs_the_triton_launcher(ft):
+    """The CUDA-key kernel is the Triton launcher itself: called through that key with CPU
+    tensors (which the interpreter runs), it gives the reference's results. A CUDA key holding a
+    stub, the reference or another backend's kernel fails here (the registration test in the
+    parent only sees that some kernel is there)."""
+    args = make_case(9, 11, 40, torch.float32, seed=17)
+    hp = hparams(1.1, 0.9, 1.0, 2.0, torch.float32)
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    out = torch.ops.adello.flexda_fwd_triton.default.redispatch(keys, *args, hp, 0.9)
+    assert_matches(out, reference(args, hp, 0.9), args, 0.9, torch.float32)
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_labels_out_of_range_give_nan_rows(ft, monkeypatch, regime):
+    """flexda_fwd_triton: a label outside [0, C) (here -1 and C) gives that row a NaN CE (so loss
+    and L_s are NaN) and an all-NaN gradient row, with no out-of-bounds access; every other row,
+    and the unlabeled side, match the reference computed with valid labels there. A kernel that
+    ignored the range would give a finite CE and a -onehot-less gradient row."""
+    if regime == "loop":
+        monkeypatch.setattr(ft, "MAX_FUSED_BLOCK_C", 128)
+        monkeypatch.setattr(ft, "LOOP_BLOCK_C", 128)
+    c = 300
+    z_l, y, z_w, z_s, ds, du = make_case(7, 9, c, torch.float32, seed=23)
+    assert ft.kernel_config(c, torch.float32).loop_c == (regime == "loop")
+    bad = torch.tensor([1, 4])
+    y_bad = y.clone()
+    y_bad[1], y_bad[4] = -1, c
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    out = run_op((z_l, y_bad, z_w, z_s, ds, du), hp, 0.9)
+    ref = reference((z_l, y, z_w, z_s, ds, du), hp, 0.9)
+    assert torch.isnan(out[0]) and torch.isnan(out[1][0])
+    assert torch.isnan(out[5][bad]).all()
+    good = torch.ones(7, dtype=torch.bool)
+    good[bad] = False
+    assert_close_grad(out[5][good], ref[5][good], torch.float32, "grad_lb (valid rows)")
+    assert_close_grad(out[6], ref[6], torch.float32, "grad_ulb_s")
+    for k in (1, 2):
+        assert_close_loss(out[1][k], ref[1][k], torch.float32, f"terms[{k}]")
+
+
+# ---- adello::flexda_step_triton: the whole training step -----------------------------------
+
+STEP_KW = dict(total_steps=10, alpha_min=0.1, power=2.0, distill_start=2, lambda_u=1.3,
+               lambda_d=0.7, eps=1e-9, flexda=True, threshold=0.9, prior_momentum=0.9,
+               update=True)
+
+
+def _step_state(c, seed, t=0):
+    _, q = _priors(c, seed)
+    return q, torch.tensor(t, dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+
+
+def run_step(ft, args, p_l, state, temperature, fn=None, **over):
+    """One call of flexda_step_triton (or `fn`, same arguments) on the state tuple (q, t, k)."""
+    kw = {**STEP_KW, **over}
+    z_l, y, z_w, z_s = args
+    q, t, k = state
+    fn = fn or ft.flexda_step_triton
+    return fn(z_l, y, z_w, z_s, p_l, q, t, k, temperature, kw["total_steps"], kw["alpha_min"],
+              kw["power"], kw["distill_start"], kw["lambda_u"], kw["lambda_d"], kw["eps"],
+              kw["flexda"], kw["threshold"], kw["prior_momentum"], kw["update"])
+
+
+def step_reference(args, p_l, q, t, temperature, **over):
+    """The step's outputs in float64 from the state (Q_{t-1}, t): alpha_schedule,
+    logit_adjustments (or zeros when flexda is off), the gate [t >= t0], then the closed-form
+    reference of the rows; and the state after it (ops/state.py momentum_update on fp32 Q)."""
+    from adello_kernels.ops.state import momentum_update
+    from adello_kernels.reference import alpha_schedule, flexda_fwd_reference, logit_adjustments
+    kw = {**STEP_KW, **over}
+    z_l, y, z_w, z_s = args
+    c = z_l.shape[1]
+    if kw["flexda"]:
+        alpha = alpha_schedule(int(t), kw["total_steps"], kw["alpha_min"], kw["power"])
+        ds, du = logit_adjustments(p_l, q, alpha, kw["eps"], dtype=torch.float64)
+    else:
+        ds = du = torch.zeros(c, dtype=torch.float64)
+    gate = float(int(t) >= kw["distill_start"])
+    hp = torch.tensor([kw["lambda_u"], kw["lambda_d"], gate, float(temperature)],
+                      dtype=torch.float64)
+    ref = flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds, du, hp,
+                               kw["threshold"])
+    q_new, ok = momentum_update(q, ref[4].float(), kw["prior_momentum"])
+    return ref, q_new, bool(ok)
+
+
+def assert_step_matches(out, ref, args, tau, dtype, what):
+    """The step's nine outputs against the fwd reference's seven (terms split in three)."""
+    loss, l_s, l_u, l_d, mask, plab, prior, g_l, g_s = out
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for x in (loss, l_s, l_u, l_d):
+        assert x.shape == () and x.dtype == acc
+    packed = (loss, torch.stack([l_s, l_u, l_d]), mask, plab, prior, g_l, g_s)
+    try:
+        assert_matches(packed, ref, args, tau, dtype, both_masks=False)
+    except AssertionError as exc:
+        raise AssertionError(f"{what}: {exc}") from None
+
+
+# (B, N, C, dtype, T): the packed-row regime (C = 100: 16 rows a tile; C = 1000: 2 rows), every
+# dtype (fp64 takes its column-loop configuration), T == 1 and T != 1.
+STEP_CASES = [
+    (37, 45, 100, torch.float32, 1.0),
+    (37, 45, 100, torch.float32, 2.5),
+    (21, 34, 127, torch.bfloat16, 1.0),
+    (19, 23, 200, torch.float16, 0.5),
+    (13, 15, 70, torch.float64, 1.5),
+    (5, 7, 1000, torch.float32, 2.0),
+]
+
+
+def _step_id(case):
+    b, n, c, dtype, t = case
+    return f"B{b}-N{n}-C{c}-{FLOAT_IDS[dtype]}-T{t}"
+
+
+def _trajectory(ft, b, n, c, dtype, temperature, steps=4, seed=0, device="cpu", **over):
+    """`steps` successive steps on one mutating state against the reference run alongside it
+    (its own state, updated by momentum_update): outputs, prior trajectory, step, skipped.
+    distill_start = 2: the gate flips on at the third step."""
+    kw = {**STEP_KW, **over}
+    p_l, _ = _priors(c, seed + 50)
+    state = tuple(x.to(device) for x in _step_state(c, seed + 51))
+    q_ref = state[0].cpu().clone()
+    temp = torch.tensor(temperature, device=device)
+    for k in range(steps):
+        z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=seed + 7 * k)
+        args = (z_l, y, z_w, z_s)
+        t_before = int(state[1])
+        ref, q_next, ok = step_reference(args, p_l, q_ref, t_before, temperature, **over)
+        out = run_step(ft, tuple(x.to(device) for x in args), p_l.to(device), state, temp,
+                       **over)
+        out = tuple(x.cpu() for x in out)
+        assert_step_matches(out, ref, args, kw["threshold"], dtype, f"step {k}")
+        if t_before < kw["distill_start"]:
+            assert float(out[3]) == 0.0, f"step {k}: gate off, L_d must be exactly 0"
+        else:
+            assert float(out[3]) > 0.0, f"step {k}: gate on, L_d must count"
+        if kw["update"]:
+            q_ref = q_next
+            assert ok
+            assert int(state[1]) == t_before + 1, f"step {k}: step counter"
+        else:
+            assert int(state[1]) == t_before
+        err = (state[0].double().cpu() - q_ref.double()).abs().max().item()
+        assert err <= 1e-6, f"step {k}: prior_ulb trajectory off by {err:.3g}"
+        assert int(state[2]) == 0
+    return state
+
+
+@interp
+@pytest.mark.parametrize("case", STEP_CASES, ids=_step_id)
+def test_step_trajectory_matches_reference(ft, case):
+    b, n, c, dtype, temperature = case
+    _trajectory(ft, b, n, c, dtype, temperature, seed=b + c)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=FLOAT_IDS.get)
+def test_step_column_loop_matches_reference(column_loop, dtype):
+    """The column-loop regime (C = 300 in 128-column blocks), where each program recomputes the
+    adjustments of every block it reads."""
+    assert column_loop.kernel_config(300, dtype).loop_c
+    _trajectory(column_loop, 11, 13, 300, dtype, 2.0, steps=3, seed=5)
+
+
+@interp
+def test_step_flexda_off_uses_zero_adjustments(ft):
+    _trajectory(ft, 17, 19, 100, torch.float32, 2.0, steps=3, seed=9, flexda=False)
+
+
+@interp
+def test_step_without_update_leaves_the_state(ft):
+    """update=False: same outputs as update=True from the same state, and prior_ulb, step and
+    skipped_updates bitwise untouched (the all-reduced path updates them itself)."""
+    c = 100
+    p_l, _ = _priors(c, 3)
+    z_l, y, z_w, z_s, _, _ = make_case(20, 30, c, torch.float32, seed=31)
+    args = (z_l, y, z_w, z_s)
+    s1 = _step_state(c, 4, t=3)
+    s2 = tuple(x.clone() for x in s1)
+    before = tuple(x.clone() for x in s1)
+    a = run_step(ft, args, p_l, s1, torch.tensor(2.0), update=False)
+    b = run_step(ft, args, p_l, s2, torch.tensor(2.0), update=True)
+    for x, y_ in zip(a, b):
+        assert torch.equal(x, y_)
+    for x, y_ in zip(s1, before):
+        assert torch.equal(x, y_)
+    assert not torch.equal(s2[0], before[0]) and int(s2[1]) == 4
+    _trajectory(ft, 9, 12, 100, torch.float32, 1.0, steps=2, seed=2, update=False)
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_step_non_finite_weak_logits_skip_the_update(ft, monkeypatch, regime):
+    """A NaN (or inf) weak logit makes prior_batch non-finite: Q stays bitwise as it was,
+    skipped_updates += 1, step still advances; the next finite step updates again."""
+    if regime == "loop":
+        monkeypatch.setattr(ft, "MAX_FUSED_BLOCK_C", 128)
+        monkeypatch.setattr(ft, "LOOP_BLOCK_C", 128)
+    c = 300 if regime == "loop" else 100
+    p_l, _ = _priors(c, 6)
+    state = _step_state(c, 7, t=5)
+    temp = torch.tensor(1.0)
+    for k, bad in enumerate([float("nan"), float("inf")]):
+        z_l, y, z_w, z_s, _, _ = make_case(8, 10, c, torch.float32, seed=40 + k)
+        z_w = z_w.clone()
+        z_w[3, 7] = bad
+        q_before = state[0].clone()
+        out = run_step(ft, (z_l, y, z_w, z_s), p_l, state, temp)
+        assert not torch.isfinite(out[6]).all()
+        assert torch.equal(state[0], q_before), "non-finite batch prior must not update Q"
+        assert int(state[2]) == k + 1 and int(state[1]) == 6 + k
+    z_l, y, z_w, z_s, _, _ = make_case(8, 10, c, torch.float32, seed=49)
+    q_before = state[0].clone()
+    ref, q_next, ok = step_reference((z_l, y, z_w, z_s), p_l, q_before, int(state[1]), 1.0)
+    run_step(ft, (z_l, y, z_w, z_s), p_l, state, temp)
+    assert ok and int(state[2]) == 2 and int(state[1]) == 8
+    assert (state[0] - q_next).abs().max() <= 1e-7
+
+
+@interp
+def test_step_labels_out_of_range(ft):
+    """The step: a label outside [0, C) -> loss and loss_sup NaN, that gradient row NaN; the
+    unlabeled terms, the other rows and the prior update are unaffected."""
+    c = 100
+    p_l, _ = _priors(c, 8)
+    z_l, y, z_w, z_s, _, _ = make_case(6, 9, c, torch.float32, seed=61)
+    y_bad = y.clone()
+    y_bad[2] = c + 5
+    state = _step_state(c, 9, t=4)
+    q0 = state[0].clone()
+    out = run_step(ft, (z_l, y_bad, z_w, z_s), p_l, state, torch.tensor(1.0))
+    ref, q_next, _ = step_reference((z_l, y, z_w, z_s), p_l, q0, 4, 1.0)
+    assert torch.isnan(out[0]) and torch.isnan(out[1])
+    assert torch.isnan(out[7][2]).all()
+    keep = torch.arange(6) != 2
+    assert_close_grad(out[7][keep], ref[5][keep], torch.float32, "grad_lb (valid rows)")
+    assert_close_grad(out[8], ref[6], torch.float32, "grad_ulb_s")
+    assert_close_loss(out[2], ref[1][1], torch.float32, "L_u")
+    assert (state[0] - q_next).abs().max() <= 1e-7 and int(state[2]) == 0
+
+
+def _grad_case(ft, dtype=torch.float32, c=100):
+    p_l, _ = _priors(c, 10)
+    z_l, y, z_w, z_s, _, _ = make_case(12, 16, c, dtype, seed=71)
+    return p_l, (z_l, y, z_w, z_s)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=FLOAT_IDS.get)
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_step_backward_scales_saved_gradients(ft, dtype, scale):
+    """loss.backward() (incoming grad 1) hands on the forward's gradients unchanged; (scale *
+    loss).backward() multiplies them exactly as torch would (the grad rounded to the logits'
+    dtype, the product rounded once); both against the float64 reference."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, dtype)
+    zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+    state = _step_state(100, 11, t=3)
+    q0 = state[0].clone()
+    out = run_step(ft, (zl, y, z_w, zs), p_l, state, torch.tensor(2.0), update=False)
+    fwd_l, fwd_s = out[7].clone(), out[8].clone()
+    (out[0] * scale).backward() if scale != 1.0 else out[0].backward()
+    g = torch.tensor(scale, dtype=dtype)
+    if dtype == torch.float32:
+        assert torch.equal(zl.grad, fwd_l * g) and torch.equal(zs.grad, fwd_s * g)
+    else:  # the interpreter's fp32 -> bf16 rounding is not always torch's round-to-nearest-even
+        for got, want in ((zl.grad, fwd_l * g), (zs.grad, fwd_s * g)):
+            assert ((got.double() - want.double()).abs() <= want.double().abs() * 2**-7).all()
+    ref, _, _ = step_reference((z_l, y, z_w, z_s), p_l, q0, 3, 2.0)
+    assert_close_grad(zl.grad, ref[5].double() * scale, dtype, "dloss/dlogits_lb")
+    assert_close_grad(zs.grad, ref[6].double() * scale, dtype, "dloss/dlogits_ulb_s")
+
+
+@interp
+def test_scale_kernel_direct(ft):
+    """scale_grads_triton_: both tensors in one launch, each block once (sizes not multiples of
+    the block, so the grid-stride loop and both tails run), and nothing touched when g == 1."""
+    a = torch.randn(3 * ft.SCALE_BLOCK + 5)
+    b = torch.randn(2 * ft.SCALE_BLOCK + 7)
+    a0, b0 = a.clone(), b.clone()
+    ft.scale_grads_triton_(a, b, torch.tensor(1.0))
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+    ft.scale_grads_triton_(a, b, torch.tensor(-0.75))
+    assert torch.equal(a, a0 * -0.75) and torch.equal(b, b0 * -0.75)
+    ft.scale_grads_triton_(None, b, torch.tensor(2.0))
+    assert torch.equal(a, a0 * -0.75) and torch.equal(b, b0 * -1.5)
+
+
+@interp
+def test_step_backward_retain_graph_gives_fresh_products(ft):
+    """retain_graph: the saved gradients must not be scaled in place, or the second backward
+    would see them scaled twice."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+    out = run_step(ft, (zl, y, z_w, zs), p_l, _step_state(100, 12), torch.tensor(1.0),
+                   update=False)
+    fwd_l = out[7].clone()
+    (out[0] * 2.5).backward(retain_graph=True)
+    first = zl.grad.clone()
+    zl.grad = zs.grad = None
+    (out[0] * 2.5).backward()
+    assert torch.equal(first, fwd_l * 2.5) and torch.equal(zl.grad, first)
+
+
+@interp
+def test_step_create_graph_raises(ft):
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    zl = z_l.clone().requires_grad_()
+    out = run_step(ft, (zl, y, z_w, z_s), p_l, _step_state(100, 13), torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(out[0], zl, create_graph=True)
+
+
+@interp
+def test_step_only_loss_is_differentiable(ft):
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+    out = run_step(ft, (zl, y, z_w, zs), p_l, _step_state(100, 14), torch.tensor(1.0))
+    assert out[0].requires_grad
+    assert not any(x.requires_grad for x in out[1:])
+
+
+@interp
+def test_step_direct_op_call_is_differentiable(ft):
+    """torch.ops.adello.flexda_step_triton called directly goes through the op's Autograd kernel:
+    same outputs and gradients as flexda_step_triton."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    grads = []
+    for fn in (ft.flexda_step_triton, torch.ops.adello.flexda_step_triton):
+        zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        out = run_step(ft, (zl, y, z_w, zs), p_l, _step_state(100, 15), torch.tensor(2.0),
+                       fn=fn)
+        (out[0] * 1.5).backward()
+        grads.append((out[0].detach(), zl.grad, zs.grad))
+    for x, y_ in zip(*grads):
+        assert torch.equal(x, y_)
+
+
+@interp
+def test_step_bumps_state_versions_only_when_updating(ft):
+    """The kernel writes the state without ATen: the autograd path bumps the version counters,
+    so autograd notices a saved state tensor that the step changed."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    state = _step_state(100, 16)
+    v0 = [x._version for x in state]
+    run_step(ft, (z_l, y, z_w, z_s), p_l, state, torch.tensor(1.0), update=False)
+    assert [x._version for x in state] == v0
+    run_step(ft, (z_l, y, z_w, z_s), p_l, state, torch.tensor(1.0))
+    assert all(x._version > v for x, v in zip(state, v0))
+    w = torch.ones(100, requires_grad=True)
+    saved = w * state[0]                     # saves prior_ulb for its backward
+    run_step(ft, (z_l, y, z_w, z_s), p_l, state, torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
+@interp
+def test_step_is_deterministic(ft):
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    a = run_step(ft, (z_l, y, z_w, z_s), p_l, _step_state(100, 17), torch.tensor(2.0))
+    b = run_step(ft, (z_l, y, z_w, z_s), p_l, _step_state(100, 17), torch.tensor(2.0))
+    for x, y_ in zip(a, b):
+        assert torch.equal(x, y_)
+
+
+@interp
+def test_step_rejects_bad_state(ft):
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    q, t, k = _step_state(100, 18)
+    with pytest.raises(ValueError, match="step"):
+        run_step(ft, (z_l, y, z_w, z_s), p_l, (q, t.float(), k), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="prior_ulb"):
+        run_step(ft, (z_l, y, z_w, z_s), p_l, (q[:50], t, k), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="labels_lb"):
+        run_step(ft, (z_l, y.int(), z_w, z_s), p_l, (q, t, k), torch.tensor(1.0))
+
+
+@interp
+@pytest.mark.parametrize("update", [False, True])
+def test_step_opcheck(ft, update):
+    """The schema's mutation annotations (prior_ulb, step, skipped_updates written only when
+    `update`) and the fake agree with what the kernel does."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
+    q, t, k = _step_state(20, 19)
+    kw = STEP_KW
+    args = (z_l[:, :20].contiguous(), y % 20, z_w[:, :20].contiguous(), z_s[:, :20].contiguous(),
+            p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t, k, torch.tensor(1.5),
+            kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
+            kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
+            kw["prior_momentum"], update)
+    torch.library.opcheck(torch.ops.adello.flexda_step_triton, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@interp
+@pytest.mark.parametrize("update", [True, False])
+def test_step_torch_compile_fullgraph(ft, update):
+    """torch.compile(fullgraph=True) of a step's forward calling flexda_step_triton, with the
+    state update inside the op (update=True) or in PyTorch after it (update=False), then its
+    backward: no graph break, and the same losses, gradients and state as eager over steps.
+    (dynamo does not trace Tensor.backward(), so backward is called on the compiled output.)"""
+    from adello_kernels.ops.state import update_prior_
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=30)
+    kw = dict(STEP_KW, update=update)
+    z_l, z_w, z_s = z_l[:, :30].contiguous(), z_w[:, :30].contiguous(), z_s[:, :30].contiguous()
+    y = y % 30
+    p_l = p_l[:30] / p_l[:30].sum()
+
+    def loss_step(zl, zs, q, t, k):
+        out = run_step(ft, (zl, y, z_w, zs), p_l, (q, t, k), torch.tensor(2.0), **kw)
+        if not update:
+            update_prior_(q, t, k, out[6], kw["prior_momentum"])
+        return out[0], out[6]
+
+    results = []
+    for fn in (loss_step, torch.compile(loss_step, fullgraph=True, backend="aot_eager")):
+        zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        state = _step_state(30, 20, t=1)
+        steps = []
+        for _ in range(3):                                # crosses distill_start = 2
+            loss, prior = fn(zl, zs, *state)
+            (2.0 * loss).backward()                       # the compiled backward, grad 2
+            steps.append((loss.detach(), prior))
+        results.append((steps, zl.grad, zs.grad, state))
+    (e_steps, e_gl, e_gs, e_state), (c_steps, c_gl, c_gs, c_state) = results
+    for (el, ep), (cl, cp) in zip(e_steps, c_steps):
+        assert_close_loss(cl, el, torch.float32, "loss")
+        assert (cp - ep).abs().max() <= 1e-7
+    assert_close_grad(c_gl, e_gl.double(), torch.float32, "grad_lb")
+    assert_close_grad(c_gs, e_gs.double(), torch.float32, "grad_ulb_s")
+    assert (c_state[0] - e_state[0]).abs().max() <= 1e-7
+    assert int(c_state[1]) == int(e_state[1]) == 4
 
 
 # ---- public API on the triton backend -------------------------------------------------------
@@ -476,6 +921,28 @@ def test_gpu_matches_reference(case, temperature):
         assert_close_grad(out[5], ref[5], dtype, "grad_lb")
         assert_close_grad(out[6], ref[6], dtype, "grad_ulb_s")
     assert (out[4].double() - ref[4]).abs().max().item() <= 1e-6
+
+
+GPU_STEP_SHAPES = [
+    (4096, 8192, 1000, torch.float32, 2.0),    # the bandwidth configuration: 2 rows a tile
+    (4096, 8192, 1000, torch.bfloat16, 1.0),
+    (1024, 2048, 127, torch.bfloat16, 2.0),    # unaligned rows
+    (512, 1024, 8192, torch.float32, 1.5),     # column loop
+    (100, 200, 3000, torch.float64, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", GPU_STEP_SHAPES, ids=_step_id)
+@pytest.mark.gpu
+def test_gpu_step_trajectory_matches_reference(case):
+    """flexda_step_triton on CUDA over three steps of a mutating state (gate flip included)
+    against the float64 reference, at the grid the launcher sizes from the device's occupancy."""
+    if INTERPRETED or not torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("needs CUDA and compiled (not interpreted) Triton kernels")
+    import adello_kernels  # noqa: F401
+    from adello_kernels.ops import flexda_triton as ft
+    b, n, c, dtype, temperature = case
+    _trajectory(ft, b, n, c, dtype, temperature, steps=3, seed=c, device="cuda")
 
 
 def _gpu_step_inputs(b=256, n=512, c=127, dtype=torch.bfloat16, seed=0):
