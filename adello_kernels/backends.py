@@ -59,6 +59,14 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference
 def _load_extension() -> bool:
     """Import adello_kernels._C (registers the C++/CUDA kernels); False with a one-line warning
     when it is not built or does not load."""
+    ok = _import_extension()
+    if not ok:  # the one small op that has a PyTorch fallback
+        from .ops.snapshot import register_python_fallback
+        register_python_fallback()
+    return ok
+
+
+def _import_extension() -> bool:
     if importlib.util.find_spec(__package__ + "._C") is None:  # not built (e.g. no compiler)
         warnings.warn("adello_kernels._C is not built: the cpu and cuda backends are unavailable, "
                       "the reference backend works", stacklevel=4)

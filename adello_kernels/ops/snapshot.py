@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import torch
 
+# Defined here, implemented in C++ (csrc/snapshot.cpp: a clone for the CPU and CUDA keys) so that
+# no adello:: op has a Python function as its CUDA kernel; `register_python_fallback` is used only
+# when the extension is not built.
+_lib = torch.library.Library("adello", "FRAGMENT")  # noqa: kept alive for the process
+_lib.define("snapshot(Tensor x) -> Tensor")
+snapshot = torch.ops.adello.snapshot.default
 
-@torch.library.custom_op("adello::snapshot", mutates_args=(), device_types=("cpu", "cuda"))
-def snapshot(x: torch.Tensor) -> torch.Tensor:
-    """A copy of `x` (any shape) that the compiler keeps as a saved value."""
-    return x.clone()
 
-
-@snapshot.register_fake
+@torch.library.register_fake("adello::snapshot")
 def _(x):
     return torch.empty_like(x)
+
+
+def register_python_fallback() -> None:
+    """A PyTorch clone as the kernel (call only when adello_kernels._C is unavailable)."""
+    for key in ("CPU", "CUDA"):
+        _lib.impl("snapshot", lambda x: x.clone(), key)
