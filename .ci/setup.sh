@@ -12,8 +12,10 @@ PY=$VENV/bin/python
 [ -x "$PY" ] || python3 -m venv "$VENV"
 # torch==2.13.0 is the CPU build (local wheel); an unpinned torch would pull a multi-GB CUDA build.
 "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+# The extras of pyproject.toml (train, test, triton) and the build/lint tools, pinned where it matters.
 "$PY" -m pip install -q --disable-pip-version-check "triton==3.7.1" numpy ninja pyyaml tqdm \
-    matplotlib torchmetrics pytest pytest-benchmark "cmake>=3.26"
+    matplotlib torchmetrics pillow pytest pytest-benchmark "cmake>=3.26" "setuptools>=77" wheel \
+    ruff
 
 # Fashion-MNIST idx files for the default training run (Debian: dataset-fashion-mnist).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
@@ -25,8 +27,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
   fi
 fi
 
-# Build adello_kernels._C in place (editable install; --no-build-isolation compiles against the
-# torch above instead of a second one pip would download).
+# Build adello_kernels._C in place (editable install). setup.py compiles against the venv's torch
+# either way; --no-build-isolation also skips the isolated environment (setuptools, wheel), so a
+# rebuild needs no network.
 so=$(ls adello_kernels/_C*.so 2>/dev/null | head -n1 || true)
 if [ -z "$so" ] || [ -n "$(find csrc python setup.py -newer "$so" -type f 2>/dev/null | head -n1)" ]; then
   MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --disable-pip-version-check \
