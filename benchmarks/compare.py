@@ -3,9 +3,12 @@
     python benchmarks/compare.py                       # CPU, the four CPU shapes
     python benchmarks/compare.py --device cuda --json results.json
 
-Prints median time per step and the ratio to eager PyTorch and to torch.compile(reference) for
-each shape, plus the achieved bandwidth on the compulsory bytes (read z_l, z_w, z_s once, write
-both gradients once) and the device's measured copy bandwidth for scale. Providers are timed
+Prints median time per step and, for every provider, the ratio to each baseline (providers.py):
+`eager` and `compile` (the library's reference path, plain and under torch.compile) and `lean`
+and `lean-compile` (the step hand-written the way users of the released code run it, plain and
+under torch.compile), plus the achieved bandwidth on the compulsory bytes (read z_l, z_w, z_s
+once, write both gradients once) and the device's measured copy bandwidth for scale. A ratio
+above 1 means the provider is that many times faster than the baseline. Providers are timed
 round-robin (one timing block of each in turn, many rounds) so that a noisy machine slows all of
 them alike; the reported number is the median over rounds.
 """
@@ -22,10 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import providers as P  # noqa: E402
+import adello_kernels as ak  # noqa: E402
 
-from adello_kernels import backends  # noqa: E402
-from adello_kernels.reference import logit_adjustments  # noqa: E402
+import providers as P  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -74,14 +76,14 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * src.element_size() / t / 1e9
 
 
-def forward_op_step(backend: str, shape: P.Shape, device: str, dtype):
-    """Just the fused op (forward: reads the three logit tensors, writes both gradients)."""
+def forward_only_step(backend: str, shape: P.Shape, device: str, dtype):
+    """Just the forward of one fused step (`flexda_loss` without autograd: reads the three logit
+    tensors, writes both gradients)."""
     z_l, y, z_w, z_s = (x.detach() for x in P.make_inputs(shape, device, dtype))
-    prior = torch.full((shape.c,), 1.0 / shape.c, device=device)
-    ds, du = logit_adjustments(prior, prior, 0.5, dtype=torch.float32)
-    hp = torch.tensor([1.0, 1.0, 1.0, 1.0], device=device)
-    op = backends.fused_op(backend)
-    return lambda: op(z_l, y, z_w, z_s, ds, du, hp, 0.95)
+    prior_lb, prior_ulb = P.bench_prior(shape.c, device), torch.full((shape.c,), 1.0 / shape.c,
+                                                                      device=device)
+    return lambda: ak.flexda_loss(z_l, y, z_w, z_s, prior_lb, prior_ulb, 0.5, backend=backend,
+                                  validate=False)
 
 
 def main(argv=None) -> int:
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--target-ms", type=float, default=40.0, help="time per timing block")
     ap.add_argument("--forward-only", action="store_true",
-                    help="also time the fused op's forward alone (bandwidth of the kernel)")
+                    help="also time each fused backend's forward alone (flexda_loss without "
+                         "autograd; the kernel's bandwidth at the large shapes)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
@@ -110,8 +113,15 @@ def main(argv=None) -> int:
     results = {"device": device, "device_name": dev_name, "torch": torch.__version__,
                "dtype": args.dtype, "copy_gbs": copy_gbs, "rows": []}
 
-    header = f"{'shape':<18} {'provider':<10} {'median ms':>10} {'vs eager':>9} " \
-             f"{'vs compile':>11} {'GB/s':>8} {'% copy':>7}"
+    if any(p.startswith("lean") for p in provs):
+        P.check_lean(device)  # the hand-written baseline computes what the reference does
+        print(f"lean step checked against ADELLOLoss(backend='reference') to 1e-5 "
+              f"(shape {P.CHECK_SHAPE.b}/{P.CHECK_SHAPE.n}/{P.CHECK_SHAPE.c}, 3 steps)")
+    bases = [b for b in P.BASELINES if b in provs]
+    short = {"eager": "eager", "compile": "compile", "lean": "lean", "lean-compile": "lean-c"}
+    header = (f"{'shape':<18} {'provider':<13} {'median ms':>10} "
+              + "".join(f"{'vs ' + short[b]:>11}" for b in bases)
+              + f" {'GB/s':>8} {'% copy':>7}")
     print(header)
     print("-" * len(header))
     for shape in shapes:
@@ -119,20 +129,21 @@ def main(argv=None) -> int:
         if args.forward_only:
             for p in provs:
                 if p not in P.BASELINES:
-                    fns[p + ":fwd"] = forward_op_step(P.PROVIDERS[p][0], shape, device, dtype)
+                    fns[p + ":fwd"] = forward_only_step(P.PROVIDERS[p][0], shape, device,
+                                                        dtype)
         times = time_round_robin(fns, device, args.rounds, args.target_ms / 1e3)
         nbytes = shape.step_bytes(torch.empty((), dtype=dtype).element_size())
         for p, t in times.items():
             gbs = nbytes / t / 1e9
+            vs = {b: times[b] / t for b in bases}
             row = {"shape": shape.name, "provider": p, "ms": t * 1e3, "gbs": gbs,
-                   "pct_copy": 100 * gbs / copy_gbs,
-                   "vs_eager": times["eager"] / t if "eager" in times else None,
-                   "vs_compile": times["compile"] / t if "compile" in times else None}
+                   "pct_copy": 100 * gbs / copy_gbs, "vs": vs,
+                   "vs_eager": vs.get("eager"), "vs_compile": vs.get("compile"),
+                   "vs_lean": vs.get("lean"), "vs_lean_compile": vs.get("lean-compile")}
             results["rows"].append(row)
-            ve = f"{row['vs_eager']:.2f}x" if row["vs_eager"] else "-"
-            vc = f"{row['vs_compile']:.2f}x" if row["vs_compile"] else "-"
-            print(f"{shape.name:<18} {p:<10} {t * 1e3:>10.3f} {ve:>9} {vc:>11} {gbs:>8.1f} "
-                  f"{row['pct_copy']:>6.1f}%", flush=True)
+            print(f"{shape.name:<18} {p:<13} {t * 1e3:>10.3f} "
+                  + "".join(f"{vs[b]:>10.2f}x" for b in bases)
+                  + f" {gbs:>8.1f} {row['pct_copy']:>6.1f}%", flush=True)
         if args.json:  # after every shape, so a run cut short by a time limit keeps its rows
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)

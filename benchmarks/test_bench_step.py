@@ -2,6 +2,7 @@
 
     pytest benchmarks/ --benchmark-only                 # all providers x shapes
     pytest benchmarks/ --benchmark-only -k imagenet127  # one shape
+    pytest benchmarks/ -k lean_matches                  # only the lean baseline's check
 For the ratio table in one process, use `python benchmarks/compare.py`.
 """
 import os
@@ -14,6 +15,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import providers as P  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_lean_matches_reference():
+    """The hand-written `lean` baseline computes what ADELLOLoss(backend="reference") does (all
+    outputs, both gradients, the prior over three steps, to 1e-5): a baseline that dropped a
+    term would be faster for the wrong reason. (`make_step` runs the same check before any
+    lean provider is timed, so it also guards `--benchmark-only` runs.)"""
+    P.check_lean.cache_clear()
+    P.check_lean(DEVICE)
 
 
 @pytest.mark.parametrize("shape", P.shapes_for(DEVICE), ids=lambda s: s.name)
