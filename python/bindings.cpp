@@ -1,9 +1,10 @@
 // adello_kernels._C: the compiled kernels of the adello:: ops.
 //
-// The op schemas are defined once, in Python (adello_kernels/ops/flexda.py); each kernel file in
-// csrc/ registers its implementation for one dispatch key with TORCH_LIBRARY_IMPL, which runs when
-// this shared library is loaded. This file only makes the library importable as a Python module
-// (`import adello_kernels._C`), as pytorch/extension-cpp does.
+// The op schemas are defined once, in Python (adello_kernels/ops/flexda.py and ops/step.py);
+// each kernel file in csrc/ registers its implementation for one dispatch key with
+// TORCH_LIBRARY_IMPL, which runs when this shared library is loaded. This file only makes the
+// library importable as a Python module (`import adello_kernels._C`), as pytorch/extension-cpp
+// does.
 #include <Python.h>
 
 extern "C" {

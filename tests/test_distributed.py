@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import adello_kernels as ak
+
 from utils import make_inputs
 
 C, STEPS, WORLD = 7, 4, 2
