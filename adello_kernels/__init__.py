@@ -2,7 +2,8 @@
 the long-tailed semi-supervised learning method of Sanchez Aimar et al., ECCV 2024.
 
     import adello_kernels as ak
-    out = ak.flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, alpha)
+    out = ak.flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
+                         alpha)
     crit = ak.ADELLOLoss(prior_lb, total_steps)          # stateful: prior, step, temperature
 """
 from . import backends as _backends

@@ -103,7 +103,8 @@ def _load_triton() -> bool:
 
 
 def triton_interpreted() -> bool:
-    """True when the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 set
+    before import)."""
     if not _load_triton():
         return False
     from .ops import flexda_triton

@@ -6,8 +6,7 @@ import math
 import torch
 
 from . import backends
-from .ops.flexda import (HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE, NUM_HPARAMS,
-                         FusedStep)
+from .ops.flexda import HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE, NUM_HPARAMS, FusedStep
 from .reference import FlexDAOutput, Scalar, accumulate_dtype, adjustments, flexda_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -198,7 +198,8 @@ def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_l
     q = torch.softmax(z_w / t, dim=-1)
     logp_st = torch.log_softmax(a / t, dim=-1)
     loss_distill = torch.where(on, -((q * logp_st).sum(-1) * (1 - mask)).sum() / n, 0.0)
-    # dL/dz_s = (lambda_u M (softmax(a) - onehot(yhat)) + g lambda_d (1-M) (softmax(a/T) - q) / T) / N
+    # dL/dz_s = (lambda_u M (softmax(a) - onehot(yhat))
+    #            + g lambda_d (1-M) (softmax(a/T) - q) / T) / N
     g_u = lambda_u * mask[:, None] * (logp_s.exp() - F.one_hot(yhat, z_s.shape[1]).to(acc))
     g_d = torch.where(on, lambda_d * (1 - mask)[:, None] * (logp_st.exp() - q) / t, 0.0)
     grad_s = (g_u + g_d) / n

@@ -2,7 +2,7 @@
 
     from cuda_emu import emulator_ops
     ops = emulator_ops()          # torch.ops.adello_cuda_emu; pytest.skip() without a compiler
-    ops.flexda_fwd(...)           # the schema of adello::flexda_fwd   (adello_kernels/ops/flexda.py)
+    ops.flexda_fwd(...)           # the schema of adello::flexda_fwd  (adello_kernels/ops/flexda.py)
     ops.flexda_step(...)          # the schema of adello::flexda_step  (adello_kernels/ops/step.py)
     ops.scale_grads_(...)         # the schema of adello::scale_grads_ (adello_kernels/ops/step.py)
 

@@ -22,15 +22,19 @@ import copy
 
 import pytest
 import torch
+from cuda_emu import emulator_ops
 
 import adello_kernels as ak
 from adello_kernels import backends
 from adello_kernels.ops import flexda as flexda_ops
 from adello_kernels.ops.state import momentum_update
-from adello_kernels.reference import (accumulate_dtype, alpha_schedule, flexda_fwd_reference,
-                                      logit_adjustments)
+from adello_kernels.reference import (
+    accumulate_dtype,
+    alpha_schedule,
+    flexda_fwd_reference,
+    logit_adjustments,
+)
 
-from cuda_emu import emulator_ops
 from utils import assert_outputs_close, check_outputs, make_inputs, step_without_host_sync
 
 
@@ -560,7 +564,7 @@ def test_emulated_kernel_layouts_bit_identical(c, dtype):
 
 
 def test_emulated_kernel_large_strong_logits():
-    """The distillation term at strong logits ~1e4 (see test_large_strong_logits_no_cancellation)."""
+    """The distillation term at strong logits ~1e4 (as test_large_strong_logits_no_cancellation)."""
     args = cpu_case(4, 20, 127, torch.float32, "distill-T0.6", seed=5)
     args[2] = args[2] / 5.0                       # unconfident weak rows
     args[3] = args[3] * 600.0 + 1.0e4
@@ -754,7 +758,8 @@ def test_cuda_step_bit_identical_and_sync_free():
     outs = []
     for _ in range(3):
         state = make_state(q, step=3, temperature=0.9)
-        outs.append(_cuda_step_op(*step_args((z_l, y, z_w, z_s), p_l, state)) + (state["prior_ulb"],))
+        out = _cuda_step_op(*step_args((z_l, y, z_w, z_s), p_l, state))
+        outs.append(out + (state["prior_ulb"],))
     for again in outs[1:]:
         for i, (g, w) in enumerate(zip(again, outs[0])):
             assert torch.equal(g, w), f"output {i} differs between runs"

@@ -1,4 +1,5 @@
-"""The fused ADELLO step as `torch.library` ops: one schema, one fake, one autograd, several kernels.
+"""The fused ADELLO row op as `torch.library` ops: one schema, one fake, one autograd, several
+kernels.
 
 Schema (shared by every fused backend; docs/contract.md, Op schemas):
 
@@ -27,7 +28,8 @@ backward only scales them by the incoming grad (docs/method.md, Gradients). The 
 non-differentiable.
 
 Ops sharing the schema:
-    adello::flexda_fwd         CPU kernel (csrc/cpu) and CUDA kernel (csrc/cuda), from adello_kernels._C
+    adello::flexda_fwd         CPU kernel (csrc/cpu) and CUDA kernel (csrc/cuda), from
+                               adello_kernels._C
     adello::flexda_fwd_triton  Triton kernel (adello_kernels/ops/flexda_triton.py)
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ NUM_HPARAMS = 4
 HPARAM_SLOTS = {"lambda_u": HP_LAMBDA_U, "lambda_d": HP_LAMBDA_D, "gate": HP_GATE,
                 "temperature": HP_TEMPERATURE}
 
-_lib = torch.library.Library("adello", "DEF")  # noqa: kept alive for the process
+_lib = torch.library.Library("adello", "DEF")  # kept alive for the process
 for _name in OP_NAMES:
     _lib.define(_name + SCHEMA)
 

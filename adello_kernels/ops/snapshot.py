@@ -1,4 +1,5 @@
-"""`adello::snapshot`: an opaque copy of a state tensor, read before `ADELLOLoss` updates it in place.
+"""`adello::snapshot`: an opaque copy of a state tensor, read before `ADELLOLoss` updates it in
+place.
 
 Why an op and not `Tensor.clone`: under `torch.compile`, AOTAutograd's min-cut partitioner may
 recompute cheap values for the backward (e.g. the logit adjustment built from `prior_ulb` and
@@ -17,7 +18,7 @@ import torch
 # Defined here, implemented in C++ (csrc/snapshot.cpp: a clone for the CPU and CUDA keys) so that
 # no adello:: op has a Python function as its CUDA kernel; `register_python_fallback` is used only
 # when the extension is not built.
-_lib = torch.library.Library("adello", "FRAGMENT")  # noqa: kept alive for the process
+_lib = torch.library.Library("adello", "FRAGMENT")  # kept alive for the process
 _lib.define("snapshot(Tensor x) -> Tensor")
 snapshot = torch.ops.adello.snapshot.default
 

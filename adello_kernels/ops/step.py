@@ -73,7 +73,7 @@ SCHEMA = (
     "Tensor grad_lb, Tensor grad_ulb_s)")
 STEP_OP_NAMES = ("flexda_step", "flexda_step_triton")
 
-_lib = torch.library.Library("adello", "FRAGMENT")  # noqa: kept alive for the process
+_lib = torch.library.Library("adello", "FRAGMENT")  # kept alive for the process
 for _name in STEP_OP_NAMES:
     _lib.define(_name + SCHEMA)
 _lib.define("scale_grads_(Tensor(a!) grad_lb, Tensor(b!) grad_ulb_s, Tensor grad_loss) -> ()")
