@@ -1,13 +1,19 @@
-"""The shared `adello::` op schema: fake (meta) outputs agree with the op contract, opcheck on
-every op with a kernel here, and the autograd wrapper's behaviour."""
+"""The shared `adello::` op schemas: fake (meta) outputs agree with the op contract, every op
+the package defines has a kernel where the extension is built, the hparams slots agree between
+Python and C++, opcheck on every op with a kernel here, and the autograd wrapper's behaviour."""
+import os
+import re
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import adello_kernels as ak
+from adello_kernels import backends
 from adello_kernels.ops import flexda
 from adello_kernels.ops.snapshot import snapshot
 from adello_kernels.reference import flexda_fwd_reference, logit_adjustments
+
 from utils import make_inputs
 
 
@@ -19,10 +25,41 @@ def op_args(b=5, n=7, c=9, dtype=torch.float32, temperature=1.5):
     return [z_l, y, z_w, z_s, ds, du, hp, 0.95]
 
 
-def test_both_ops_share_one_schema():
-    schemas = [str(getattr(torch.ops.adello, name).default._schema).split("(", 1)[1]
-               for name in flexda.OP_NAMES]
-    assert schemas[0] == schemas[1]
+HPARAMS_HEADER = os.path.join(os.path.dirname(__file__), "..", "csrc", "adello_hparams.h")
+
+
+def parse_hparams_header(text: str) -> dict:
+    """{Python slot name: value} from the C++ enum: kHpLambdaU = 0 -> HP_LAMBDA_U: 0, and
+    kNumHParams -> NUM_HPARAMS."""
+    body = re.search(r"enum\s+HParam\b[^{]*\{(.*?)\}", text, re.S)
+    assert body, "no `enum HParam { ... }` in csrc/adello_hparams.h"
+    out = {}
+    for name, value in re.findall(r"\b(k\w+)\s*=\s*(\d+)", body.group(1)):
+        if name == "kNumHParams":
+            out["NUM_HPARAMS"] = int(value)
+        else:
+            assert name.startswith("kHp"), name
+            out["HP_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name[3:]).upper()] = int(value)
+    return out
+
+
+def python_hparams() -> dict:
+    return {k: getattr(flexda, k) for k in dir(flexda) if k.startswith("HP_") or
+            k == "NUM_HPARAMS"}
+
+
+def test_hparams_slots_agree_between_python_and_cpp():
+    """A slot renumbered on one side only would make every C++/CUDA kernel read the wrong
+    hyperparameter (e.g. lambda_d as the gate) while the Python side writes the right one."""
+    with open(HPARAMS_HEADER) as f:
+        cpp = parse_hparams_header(f.read())
+    py = python_hparams()
+    assert cpp == py, f"csrc/adello_hparams.h {cpp} vs adello_kernels/ops/flexda.py {py}"
+    slots = sorted(v for k, v in py.items() if k.startswith("HP_"))
+    assert slots == list(range(py["NUM_HPARAMS"])), "slots must number 0 .. NUM_HPARAMS - 1"
+    assert sorted(flexda.HPARAM_SLOTS.values()) == slots
+    for name, slot in flexda.HPARAM_SLOTS.items():
+        assert py["HP_" + name.upper()] == slot, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -57,10 +94,27 @@ def test_opcheck_snapshot():
     torch.library.opcheck(snapshot, (torch.tensor(3),))
 
 
-def test_every_op_registers_a_cpu_or_cuda_kernel_where_built():
-    if "cpu" in ak.available_backends():
-        assert flexda.has_kernel("flexda_fwd", "CPU")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("adello::snapshot", "CUDA")
+def extension_ops() -> list:
+    """The ops the compiled extension must implement: every op of the cpu backend's row in the
+    backend table, and the step op's helper scale_grads_ (all defined in adello_kernels/ops)."""
+    row = backends.TABLE["cpu"]
+    return [row.fwd_op, row.step_op, "scale_grads_"]
+
+
+@pytest.mark.skipif(not backends._load_extension(), reason="adello_kernels._C is not built")
+@pytest.mark.parametrize("op", extension_ops())
+def test_the_extension_registers_a_cpu_kernel_for_every_op(op):
+    """A schema defined in Python but never implemented in C++ (or a registration dropped from
+    csrc/) leaves the cpu backend half built; `available_backends` would then hide it."""
+    assert flexda.has_kernel(op, "CPU"), f"adello::{op} has no CPU kernel in adello_kernels._C"
+    if op == backends.TABLE["cpu"].step_op:
+        assert flexda.has_kernel(op, "Autograd"), \
+            f"adello::{op} has no Autograd kernel (csrc/flexda_step_autograd.cpp)"
+
+
+def test_snapshot_has_cpu_and_cuda_kernels():
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("adello::snapshot", key), key
 
 
 @pytest.mark.parametrize("backend", fused_backends())

@@ -1,12 +1,17 @@
 """The pure-PyTorch reference against hand-worked cases, autograd against the closed-form
-gradients of SPEC.md section 2, and the edge cases every kernel must match."""
+gradients of docs/method.md (Gradients), and the edge cases every kernel must match."""
 import math
 
 import pytest
 import torch
 
-from adello_kernels.reference import (alpha_schedule, flexda_fwd_reference, flexda_reference,
-                                      logit_adjustments)
+from adello_kernels.reference import (
+    alpha_schedule,
+    flexda_fwd_reference,
+    flexda_reference,
+    logit_adjustments,
+)
+
 from utils import make_inputs, reference_op_outputs
 
 F64 = dict(dtype=torch.float64)
@@ -202,3 +207,34 @@ def test_closed_form_reference_runs_in_input_dtype():
     ds, du = logit_adjustments(p_l, q, 0.5, dtype=torch.float32)
     out = flexda_fwd_reference(z_l, y, z_w, z_s, ds, du, torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.95)
     assert out[0].dtype == torch.float32 and out[5].dtype == torch.float16
+
+
+@pytest.mark.parametrize("label", [-1, 5, 1000])
+def test_label_outside_the_classes_gives_a_nan_row(label):
+    """The chosen behaviour every backend copies (validation off): a label outside [0, C) makes
+    that row's CE NaN and its gradient row all NaN, in autograd and in the closed form alike;
+    every other row, the unlabeled terms and grad_ulb_s are those of the batch with a valid
+    label there."""
+    z_l, y, z_w, z_s, p_l, q = make_inputs(4, 6, 5, dtype=torch.float64, seed=2)
+    bad = y.clone()
+    bad[2] = label
+    kw = dict(temperature=0.7, lambda_u=1.3, threshold=0.9)
+    outs = []
+    for labels in (bad, y):
+        a, s = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        out = flexda_reference(a, labels, z_w, s, p_l, q, 0.5, **kw)
+        outs.append((out, *torch.autograd.grad(out.loss, (a, s))))
+    (out, g_l, g_s), (clean, c_l, c_s) = outs
+    assert math.isnan(out.loss.item()) and math.isnan(out.loss_sup.item())
+    assert torch.equal(out.loss_unsup, clean.loss_unsup)
+    assert torch.equal(out.loss_distill, clean.loss_distill)
+    rows = torch.isnan(g_l).all(1)
+    assert rows.tolist() == [False, False, True, False]
+    torch.testing.assert_close(g_l[~rows], c_l[~rows], rtol=0, atol=0)
+    torch.testing.assert_close(g_s, c_s, rtol=0, atol=0)
+    # the closed form (the fused op's contract) agrees, NaN pattern included
+    loss, terms, _, _, _, cg_l, cg_s = reference_op_outputs(z_l, bad, z_w, z_s, p_l, q, 0.5, **kw)
+    assert math.isnan(loss.item()) and math.isnan(terms[0].item())
+    torch.testing.assert_close(terms[1:], torch.stack([out.loss_unsup, out.loss_distill]))
+    torch.testing.assert_close(cg_l, g_l, equal_nan=True)
+    torch.testing.assert_close(cg_s, g_s)
