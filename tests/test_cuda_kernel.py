@@ -607,8 +607,9 @@ def test_emulated_step_over_several_steps(c, dtype, b, n, temperature, steps):
               temperature=temperature, distill_start=2, total_steps=5)
 
 
-@pytest.mark.parametrize("c,dtype", [(127, torch.float32), (1000, torch.bfloat16),
-                                     (600, torch.float64)])
+# (update=False and flexda=False at one small shape each are also in tests/test_contract.py; these
+# add the pair-of-warps regime.)
+@pytest.mark.parametrize("c,dtype", [(127, torch.float32), (1000, torch.bfloat16)])
 def test_emulated_step_without_update_leaves_state(c, dtype):
     """update=False: outputs as usual (from the unchanged state every time), state untouched,
     even on a step whose batch prior is not finite."""
@@ -616,8 +617,7 @@ def test_emulated_step_without_update_leaves_state(c, dtype):
               update=False, temperature=0.8)
 
 
-@pytest.mark.parametrize("c,dtype", [(10, torch.float32), (1000, torch.float16),
-                                     (3000, torch.float64)])
+@pytest.mark.parametrize("c,dtype", [(10, torch.float32), (1000, torch.float16)])
 def test_emulated_step_flexda_off(c, dtype):
     """flexda=False: no logit adjustment (ds = du = 0) in every regime, the update still runs."""
     run_steps(emulator_ops().flexda_step, 3, 9, c, dtype, steps=2, seed=4, flexda=False,

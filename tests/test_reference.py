@@ -108,7 +108,9 @@ def test_gradcheck_reference(b, n, c, temperature, distill):
         return flexda_reference(zl, y, z_w, zs, p_l, q, 0.6, temperature=temperature,
                                 distill=distill).loss
 
-    assert torch.autograd.gradcheck(f, (z_l, z_s))
+    # The large case checks a random projection of the Jacobian (fast_mode): the full one costs
+    # ~800 reference evaluations for little more coverage.
+    assert torch.autograd.gradcheck(f, (z_l, z_s), fast_mode=(b + n) * c > 200)
 
 
 @pytest.mark.parametrize("seed", range(6))
