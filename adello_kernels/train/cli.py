@@ -41,11 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(consistent), 1 (balanced), -gamma-l (reversed)")
     g.add_argument("--split-seed", type=int, help="seed of the split (default: --seed)")
     g.add_argument("--data-root", help="dataset directory")
+    g.add_argument("--dataset", choices=config_mod.DATASETS_AND_SYNTHETIC,
+                   help="the dataset (default: the preset's); synthetic: random uint8 images "
+                        "in the preset's shapes, no files (throughput runs)")
     g.add_argument("--download", action="store_true", default=None,
                    help="download CIFAR / STL-10 / Fashion-MNIST if missing (MD5-checked)")
     g = ap.add_argument_group("training")
     g.add_argument("--steps", type=int, help="training steps (T_max of the alpha schedule)")
-    g.add_argument("--batch-size", type=int, help="global labeled batch B")
+    g.add_argument("--batch-size", type=int,
+                   help="global labeled batch B of one optimizer step; the per-step values "
+                        "follow from kappa = B / B0 (see --no-scale-rules)")
     g.add_argument("--mu", type=int, help="unlabeled batch = mu * B")
     g.add_argument("--lr", type=float)
     g.add_argument("--ema", type=float, help="EMA decay of the evaluated model")
@@ -58,10 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any configuration key (repeatable)")
+    g = ap.add_argument_group("large batches (docs/training.md, Large batches)")
+    g.add_argument("--no-scale-rules", dest="scale_rules", action="store_false", default=None,
+                   help="keep steps, lr, EMA / prior / BatchNorm momenta, distill-start and the "
+                        "eval / log cadence as given instead of deriving them from "
+                        "kappa = B / B0 (B0: --set base_batch_size, 64)")
+    g.add_argument("--warmup", help="linear lr warm-up from the base lr: N labeled samples, or "
+                                    "Xep unlabeled epochs (e.g. 1ep)")
+    g.add_argument("--lr-scaling", choices=("linear", "sqrt"),
+                   help="lr x kappa (linear, default) or x sqrt(kappa)")
+    g.add_argument("--cosine", action="store_true", default=None,
+                   help="half-cosine lr decay to 0 after the warm-up")
+    g.add_argument("--grad-accum", type=int, metavar="K",
+                   help="cut each optimizer step's batch into K micro-batches (same kappa)")
+    g.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="capture the whole training step in a CUDA graph (GPU only)")
+    g.add_argument("--phase-timing", action="store_true", default=None,
+                   help="report sample+augment / forward+backward / optimizer+EMA times "
+                        "(adds a device sync per phase)")
     g = ap.add_argument_group("runtime")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast of the model")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile", nargs="?", const="model", choices=("model", "step"),
+                   help="torch.compile the model (--compile, --compile model) or the whole "
+                        "step: views + forward + loss + backward (--compile step)")
     g.add_argument("--backend", help="ADELLOLoss backend: auto, reference, cpu, cuda, triton")
     g.add_argument("--sync-bn", action="store_true", default=None,
                    help="BatchNorm statistics over the global batch under DDP")
@@ -98,7 +123,20 @@ def _overrides(args) -> dict:
         if key not in config_mod.DEFAULTS:
             raise config_mod.ConfigError(f"--set: unknown key {key!r}")
         out[key] = config_mod.parse_value(value)
+    if out.get("dataset") == "synthetic":     # the preset's shapes, random images
+        del out["dataset"]
+        out["synthetic"] = True
+    if isinstance(out.get("warmup"), str):
+        out["warmup"] = config_mod.parse_value(out["warmup"])
     return out
+
+
+def _check_schedule(cfg: dict) -> dict:
+    """The batch-size rules on the flags alone (a warm-up in epochs is checked again once the
+    pool size is known): an inconsistent setting fails before any data is read."""
+    from . import scaling
+    scaling.resolve(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
 
 
 def _read_run_config(run_dir: str) -> dict:
@@ -150,10 +188,10 @@ def resolve(args) -> tuple[dict, str, bool]:
                 raise config_mod.ConfigError(
                     f"--resume: {config_mod.flag(key)} = {value!r} differs from the run's "
                     f"{cfg[key]!r}; a resumed run continues with its saved configuration")
-        return config_mod.validate(cfg), run_dir, True
+        return _check_schedule(config_mod.validate(cfg)), run_dir, True
     cfg = config_mod.load_preset(args.preset or "fmnist-lt")
     cfg.update(over)
-    cfg = config_mod.validate(cfg)
+    cfg = _check_schedule(config_mod.validate(cfg))
     if args.out:
         run_dir = args.out
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -196,17 +234,20 @@ def main(argv=None) -> int:
             if not resume:
                 claim.write_config(cfg)
         trainer = Trainer(cfg, run_dir, resume=resume)  # data, model, backend: errors come here
+        if claim is not None and not resume:
+            claim.write_config({**cfg, "resolved": trainer.schedule.as_dict()})
         if trainer.dist.main:
             s = trainer.split
             print(f"{cfg['algorithm']} on {cfg['preset']}: {len(s.lb_idx)} labeled / "
                   f"{len(s.ulb_idx)} unlabeled images, {trainer.num_classes} classes, model "
-                  f"{cfg['model']}, {cfg['steps']} steps, device {trainer.device} x "
+                  f"{cfg['model']}, {trainer.cfg['steps']} steps, device {trainer.device} x "
                   f"{trainer.dist.world}, loss backend {trainer.backend}"
                   + (f", resuming at step {trainer.step}" if resume else ""), flush=True)
             if resume and trainer.resumed_from is None:
                 print(f"{run_dir} holds no checkpoint yet (the run stopped before its first "
                       "evaluation): starting it from step 0 with its saved configuration",
                       flush=True)
+            print(trainer.schedule.table(), flush=True)
             print(f"run directory: {run_dir}", flush=True)
         summary = trainer.run()
         if summary is not None:

@@ -39,6 +39,18 @@ DEFAULTS = {
     # runtime
     "seed": 0, "device": "auto", "amp": "none", "compile": False, "backend": "auto",
     "deterministic": False, "time_limit": 0.0, "progress": True, "download": False,
+    # large batches and speed (docs/training.md, Large batches; scaling.py)
+    "base_batch_size": 64,       # B0: the batch the per-step constants are tuned at
+    "scale_rules": True,         # derive per-step values from kappa = batch_size / B0
+    "warmup": 0,                 # labeled samples, or 'Xep' unlabeled epochs (linear lr warm-up)
+    "lr_scaling": "linear",      # linear | sqrt
+    "cosine": False,             # half-cosine lr decay after the warm-up
+    "grad_accum": 1,             # micro-batches per optimizer step
+    "synthetic": False,          # random uint8 images in the dataset's shapes (--dataset synthetic)
+    "cuda_graph": False,         # capture the whole step in a CUDA graph
+    "cudnn_benchmark": False,    # cudnn.benchmark on a GPU (never under --deterministic)
+    "phase_timing": False,       # time sample+augment / forward+backward / optimizer+EMA
+    "resolved": None,            # the resolved per-step values (written by the driver)
     # reliability
     "on_nonfinite": "stop",      # stop | skip (see the training driver's README section)
     "dist_timeout": 600.0,       # seconds a DDP collective may wait for the other ranks
@@ -49,18 +61,21 @@ FLAG_KEYS = ("algorithm", "gamma_l", "gamma_u", "n1", "m1", "steps", "batch_size
              "split_seed", "device", "amp", "compile", "backend", "data_root", "download",
              "eval_every", "log_every", "eval_batch_size", "deterministic", "sync_bn", "lr",
              "ema", "threshold", "distill_start", "temperature", "prior_momentum", "time_limit",
-             "model", "model_width", "progress", "on_nonfinite", "dist_timeout")
+             "model", "model_width", "progress", "on_nonfinite", "dist_timeout", "dataset",
+             "grad_accum", "warmup", "lr_scaling", "cosine", "scale_rules", "cuda_graph",
+             "phase_timing")
 MODELS = ("cnn", "wrn28_2", "resnet50")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The splits each dataset's reader supports (any other would be silently meaningless).
 DATASET_SPLITS = {"fmnist": ("long_tail", "fraction"), "cifar10": ("long_tail", "fraction"),
                   "cifar100": ("long_tail", "fraction"), "stl10": ("stl10",),
                   "imagenet127": ("fraction",)}
+DATASETS_AND_SYNTHETIC = tuple(DATASET_SPLITS) + ("synthetic",)
 
 # Keys that do not change the computation: excluded from the digest a checkpoint is matched on,
 # so a resumed run may change them.
 RUNTIME_KEYS = ("data_root", "eval_batch_size", "device", "compile", "time_limit", "progress",
-                "download", "dist_timeout")
+                "download", "dist_timeout", "cuda_graph", "phase_timing", "resolved")
 
 
 class ConfigError(ValueError):
@@ -90,6 +105,10 @@ def flag(key: str) -> str:
     """How the user sets `key`: its flag, or --set KEY=VALUE (used in every error message)."""
     if key == "progress":
         return "--no-progress"
+    if key == "scale_rules":
+        return "--no-scale-rules"
+    if key == "synthetic":
+        return "--dataset synthetic"
     return "--" + key.replace("_", "-") if key in FLAG_KEYS else f"--set {key}"
 
 
@@ -190,10 +209,31 @@ def validate(cfg: dict) -> dict:
         except ConfigError:
             raise _err("temperature", "expected a positive number or 'imbalance_aware', got "
                                       f"{cfg['temperature']!r}") from None
-    for k in ("sync_bn", "compile", "deterministic", "progress", "download", "nesterov"):
+    for k in ("sync_bn", "deterministic", "progress", "download", "nesterov", "scale_rules",
+              "cosine", "synthetic", "cuda_graph", "cudnn_benchmark", "phase_timing"):
         _bool(cfg, k)
+    # compile: false | model (torch.compile of the model) | step (the whole step, fast_step.py)
+    if cfg["compile"] is True or cfg["compile"] == "true":
+        cfg["compile"] = "model"
+    if cfg["compile"] in (None, "false", "none"):
+        cfg["compile"] = False
+    _choice(cfg, "compile", (False, "model", "step"))
+    for k in ("base_batch_size", "grad_accum"):
+        _int(cfg, k, 1)
+    _choice(cfg, "lr_scaling", ("linear", "sqrt"))
+    from .scaling import parse_warmup
+    parse_warmup(cfg["warmup"])
+    if cfg["resolved"] is not None and not isinstance(cfg["resolved"], dict):
+        raise _err("resolved", "is written by the driver; expected a mapping or null")
+    if cfg["grad_accum"] > 1 and cfg["temperature"] == "imbalance_aware":
+        raise _err("grad_accum", "gradient accumulation cannot be combined with --temperature "
+                                 "imbalance_aware (its temperature is frozen from the prior "
+                                 "after a whole step); use a fixed temperature")
+    if cfg["cuda_graph"] and cfg["device"] == "cpu":
+        raise _err("cuda_graph", "captures the step in a CUDA graph and needs a GPU "
+                                 "(--device cuda or auto)")
     _choice(cfg, "algorithm", ALGORITHMS)
-    _choice(cfg, "amp", ("none", "bf16"))
+    _choice(cfg, "amp", ("none", "bf16", "auto"))   # auto: bf16 on a GPU, none on a CPU
     _choice(cfg, "model", MODELS)
     _choice(cfg, "backend", BACKENDS)
     _choice(cfg, "on_nonfinite", ("stop", "skip"))

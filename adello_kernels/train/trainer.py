@@ -22,15 +22,15 @@ import json
 import math
 import os
 import signal
+import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import backends
 from ..module import ADELLOLoss
-from . import augment, checkpoint, metrics, report
+from . import checkpoint, fast_step, metrics, report, scaling, synthetic
 from . import config as config_mod
 from . import data as data_mod
 from .models import build_model
@@ -45,6 +45,8 @@ LOG_KEYS = ("loss", "loss_sup", "loss_unsup", "loss_distill", "mask_ratio", "pl_
 # After the LOG_KEYS sums (of steps with a finite loss only): steps with a finite loss, steps
 # with a non-finite loss, optimizer updates skipped (on_nonfinite = skip).
 N_LOG = len(LOG_KEYS)
+# Wall-clock fields of the log records (the only ones a resumed run does not reproduce).
+TIMING_KEYS = ("images_per_s", "step_time_median", "phases")
 ACC_LEN = N_LOG + 3
 
 
@@ -241,6 +243,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        elif cfg["cudnn_benchmark"] and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # static shapes: autotune each conv once
         world = self.dist.world
         self.b_global, self.n_global = cfg["batch_size"], cfg["batch_size"] * cfg["mu"]
         if self.b_global % world or self.n_global % world:
@@ -251,8 +255,12 @@ class Trainer:
         # Data: split on the host (seeded), images on the device.
         seed = cfg["seed"]
         self.split_seed = seed if cfg["split_seed"] is None else cfg["split_seed"]
-        arrays = data_mod.read_dataset(cfg["dataset"], cfg["data_root"],
-                                       image_size=cfg["image_size"], download=cfg["download"])
+        if cfg["synthetic"]:
+            arrays = synthetic.synthetic_arrays(cfg["dataset"], cfg["image_size"], seed=seed)
+        else:
+            arrays = data_mod.read_dataset(cfg["dataset"], cfg["data_root"],
+                                           image_size=cfg["image_size"],
+                                           download=cfg["download"])
         self.num_classes = arrays.num_classes
         self.class_names = arrays.class_names
         self.split = data_mod.make_split(
@@ -261,6 +269,11 @@ class Trainer:
             lb_fraction=cfg["lb_fraction"])
         self.data = data_mod.DeviceData(arrays, self.split, self.device, cfg["dataset"])
         del arrays
+        # The per-step values at this batch (scaling.py): from here on self.cfg holds them;
+        # the configuration as given (B0 values) is what the checkpoint digest is taken of.
+        self.user_cfg = cfg
+        self.schedule = scaling.resolve(cfg, world, pool_size=len(self.split.ulb_idx))
+        cfg = self.cfg = scaling.apply(cfg, self.schedule)
         self.fingerprint_path = os.path.join(run_dir, data_mod.FINGERPRINT)
         if resume and self.dist.main and os.path.isfile(self.fingerprint_path):
             with open(self.fingerprint_path) as f:
@@ -286,10 +299,13 @@ class Trainer:
         self.skip_nonfinite = cfg["on_nonfinite"] == "skip"
         # skip: the fused SGD kernel takes a device flag (found_inf) and leaves parameters and
         # momentum untouched when it is set -- the update is skipped without a host sync.
+        # Fused SGD also on CUDA for the compiled / captured step (one kernel, device lr).
+        fused = self.skip_nonfinite or (self.device.type == "cuda" and
+                                        (cfg["compile"] == "step" or cfg["cuda_graph"]))
         self.opt = torch.optim.SGD(param_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
                                    momentum=cfg["momentum"], nesterov=cfg["nesterov"],
-                                   **({"fused": True} if self.skip_nonfinite else {}))
-        if self.skip_nonfinite and cfg["momentum"] > 0:
+                                   **({"fused": True} if fused else {}))
+        if fused and cfg["momentum"] > 0:
             # The fused kernel's first step fills uninitialised momentum buffers; zeros make a
             # skipped first step harmless and a taken one identical (0 * m + g = g).
             for p in self.model.parameters():
@@ -306,7 +322,7 @@ class Trainer:
         self.ulb_sampler = data_mod.DeviceSampler(len(self.split.ulb_idx), self.gen_data)
         self.step = 0
         self.elapsed = 0.0
-        self.config_digest = config_mod.digest(cfg)
+        self.config_digest = config_mod.digest(self.user_cfg)
         # Health counters over the whole run (host ints, updated at log steps).
         self.nonfinite_steps = 0      # steps whose loss was not finite
         self.skipped_steps = 0        # optimizer updates left out (on_nonfinite = skip)
@@ -318,12 +334,13 @@ class Trainer:
             self.resumed_from = self.saved_step = self.step
 
         self.net = self.model
+        self._ddp = None
         if self.dist.active:
-            self.net = torch.nn.parallel.DistributedDataParallel(
+            self.net = self._ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg["compile"]:
+        if cfg["compile"] == "model":
             self.net = torch.compile(self.net)
-        self.amp = cfg["amp"] == "bf16"
+        self.amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and self.device.type == "cuda")
         self._log_acc = torch.zeros(ACC_LEN, dtype=torch.float64, device=self.device)
         self._log_steps = 0
         self._steps_since_eval = 0
@@ -333,6 +350,17 @@ class Trainer:
         self._nan_at = int(os.environ.get(NAN_ENV, "0") or 0)
         stall = os.environ.get(STALL_ENV, "")
         self._stall = tuple(float(x) for x in stall.split(":")) if stall else None
+        self.runner = fast_step.StepRunner(self, nan_at=self._nan_at, stall=self._stall)
+        # Throughput (host clocks only): images per step, per-step times, the current log
+        # window, and training seconds/steps of this process (evaluation excluded).
+        self.images_per_step = self.b_global + (2 * self.n_global if self.crit is not None
+                                                else 0)
+        self._step_times = []
+        self._win_times = []
+        self._win_t0 = time.perf_counter()
+        self._train_s = 0.0
+        self._train_steps = 0
+        self._phase_mark = [0.0, 0.0, 0.0]
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -436,75 +464,36 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
 
     def train_step(self) -> None:
-        d, h, w = self.data, *self.data.image_shape[1:]
-        # Global batch indices and augmentation parameters (identical on every rank) ...
-        lb_sel = self.lb_sampler.next(self.b_global)
-        p_l = augment.sample_weak(self.b_global, h, w, self.gen_aug)
-        supervised = self.crit is None
-        if not supervised:
-            ulb_sel = self.ulb_sampler.next(self.n_global)
-            p_w = augment.sample_weak(self.n_global, h, w, self.gen_aug)
-            p_s = augment.sample_strong(self.n_global, h, w, self.gen_aug)
-        # ... of which this rank takes its slice.
-        r0b, r0n = self.dist.rank * self.b, self.dist.rank * self.n
-        lb_sel = lb_sel[r0b:r0b + self.b]
-        x_lb = augment.apply_weak(d.images[d.lb_pos[lb_sel]],
-                                  augment.slice_params(p_l, r0b, r0b + self.b))
-        y_lb = d.lb_labels[lb_sel]
-        parts = [x_lb.float()]
-        if not supervised:
-            ulb_sel = ulb_sel[r0n:r0n + self.n]
-            raw = d.images[d.ulb_pos[ulb_sel]]
-            parts.append(augment.apply_weak(raw, augment.slice_params(p_w, r0n, r0n + self.n))
-                         .float())
-            parts.append(augment.apply_strong(raw, augment.slice_params(p_s, r0n, r0n + self.n)))
-        x = d.normalize(torch.cat(parts))
-        if self._nan_at and self.step + 1 == self._nan_at:
-            x = x * float("nan")
-        if self._stall and int(self._stall[0]) == self.dist.rank and \
-                self.step + 1 == int(self._stall[1]):
-            time.sleep(self._stall[2])
-        if self.skip_nonfinite:
-            torch._foreach_copy_(self._bn_saved, self._bn_buffers)
+        """One optimizer step (fast_step.py: eager, --compile step or --cuda-graph; with
+        --grad-accum K, K micro-batches)."""
+        t = time.perf_counter()
+        self.runner.step()
+        self._win_times.append(time.perf_counter() - t)
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.net(x)
-        if supervised:
-            loss = F.cross_entropy(logits.float(), y_lb)
-            stats = [loss.detach()] + [torch.zeros((), device=self.device)] * 3 + \
-                [torch.zeros((), device=self.device)] * 5
-        else:
-            z_l, z_w, z_s = logits.split([self.b, self.n, self.n])
-            out = self.crit(z_l, y_lb, z_w.detach(), z_s)
-            loss = out.loss
-            y_true = d.ulb_labels[ulb_sel]
-            known = (y_true >= 0).to(out.mask.dtype)
-            hit = (out.pseudo_labels == y_true).to(out.mask.dtype)
-            stats = [loss.detach(), out.loss_sup, out.loss_unsup, out.loss_distill,
-                     out.mask.mean(), (hit * out.mask).sum(), (known * out.mask).sum(),
-                     hit.sum(), known.sum()]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        vals = torch.stack([s.to(torch.float64) for s in stats])
-        loss_ok = torch.isfinite(vals[0])
-        if self.skip_nonfinite:
-            # DDP has all-reduced the gradients, so every rank takes the same decision.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            g_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
-            skip = ~(g_ok if self.dist.active else g_ok & loss_ok)
-            self.opt.found_inf = skip.float()
-            self.opt.step()
-            for b, old in zip(self._bn_buffers, self._bn_saved):
-                b.copy_(torch.where(skip, old, b))
-        else:
-            skip = torch.zeros((), dtype=torch.bool, device=self.device)
-            self.opt.step()
-        self.ema.update()
-        # Logged values stay on the device; read every log_every steps (no per-step sync).
-        self._log_acc += torch.cat([torch.where(loss_ok, vals, 0.0),
-                                    torch.stack([loss_ok, ~loss_ok, skip]).to(torch.float64)])
-        self._log_steps += 1
-        self.step += 1
+    def _throughput(self) -> dict:
+        """The log window's throughput (call right after the flush's sync), then a new window."""
+        now = time.perf_counter()
+        steps = len(self._win_times)
+        secs = now - self._win_t0
+        self._train_s += secs
+        self._train_steps += steps
+        self._step_times += self._win_times
+        rec = {"images_per_s": steps * self.images_per_step / secs if steps and secs > 0
+               else None,
+               "step_time_median": statistics.median(self._win_times) if steps else None,
+               "lr": self.schedule.lr_at(max(self.step - 1, 0)),
+               "samples": self.step * self.b_global,
+               "unlabeled_epochs": self.step * self.n_global / len(self.split.ulb_idx),
+               "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
+                                     if self.device.type == "cuda" else None)}
+        if self.runner.phase_timing:
+            ph = self.runner.phase_s
+            rec["phases"] = {k: (ph[i] - self._phase_mark[i]) / max(steps, 1)
+                             for i, k in enumerate(fast_step.PHASES)}
+            self._phase_mark = list(ph)
+        self._win_times = []
+        self._win_t0 = time.perf_counter()
+        return rec
 
     def _state_tensors(self) -> list[torch.Tensor]:
         ts = [t for t in self.model.parameters()] + \
@@ -647,6 +636,7 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.step, desc=f"{cfg['algorithm']} {cfg['preset']}",
                        unit="step", dynamic_ncols=True, leave=True)
         t_start = time.time() - self.elapsed
+        self._win_t0 = time.perf_counter()
         last_eval = evals[-1] if main and evals and evals[-1]["step"] == self.step else None
         self.model.train()
         try:
@@ -696,6 +686,7 @@ class Trainer:
                 self.dist.heartbeat(self.step)
                 self.elapsed = time.time() - t_start
                 rec["seconds"] = self.elapsed
+                rec.update(self._throughput())
                 if main:
                     _append(log_path, rec)
                     log.append(rec)
@@ -723,6 +714,7 @@ class Trainer:
                 self.save(last_eval["balanced_acc"] if main else None)
                 self._steps_since_eval = self._skipped_since_eval = 0
                 self.model.train()
+                self._win_t0 = time.perf_counter()     # evaluation is not training time
             if kill_at and self.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stopped_early:
@@ -761,6 +753,21 @@ class Trainer:
             "on_nonfinite": self.cfg["on_nonfinite"], "nonfinite_steps": self.nonfinite_steps,
             "skipped_steps": self.skipped_steps, "skipped_updates": self._criterion_skipped(),
             "best": self.best,
+            # throughput of this process's training (evaluation and checkpoints excluded)
+            "synthetic": self.cfg["synthetic"], "grad_accum": self.cfg["grad_accum"],
+            "images_per_s": (self._train_steps * self.images_per_step / self._train_s
+                             if self._train_s > 0 else None),
+            "step_time_median": (statistics.median(self._step_times) if self._step_times
+                                 else None),
+            "samples": self.step * self.b_global,
+            "unlabeled_samples": self.step * self.n_global,
+            "unlabeled_epochs": self.step * self.n_global / len(s.ulb_idx),
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(self.device)
+                                  if self.device.type == "cuda" else None),
+            "phases": ({k: v / max(self._train_steps, 1) for k, v in
+                        zip(fast_step.PHASES, self.runner.phase_s)}
+                       if self.runner.phase_timing else None),
+            "schedule": self.schedule.as_dict(),
         }
 
 
