@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train_data import write_fmnist
 
 from adello_kernels.train import cli, config, trainer
 from adello_kernels.train.models import SyncBatchNorm2d, build_model
@@ -52,20 +51,6 @@ def _ckpt(run):
     return torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """In-process runs set the deterministic flag and seed the global RNG: undo both."""
-    flag, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(flag)
-    torch.set_rng_state(rng)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist")
-    write_fmnist(str(root), per_class_train=60, per_class_test=10)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,6 @@ from adello_kernels.train import checkpoint, cli, config, rundir, trainer
 CKPT = os.path.join("checkpoints", "last.pt")
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    flag, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(flag)
-    torch.set_rng_state(rng)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist")
-    write_fmnist(str(root), per_class_train=60, per_class_test=10)
-    return root
 
 
 def _small(data, out, steps=20, extra=()):

@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train_data import write_fmnist
 
 from adello_kernels import alpha_schedule
 from adello_kernels.train import cli, config, scaling, trainer
@@ -180,19 +179,6 @@ def test_large_presets_are_the_released_recipe_at_kappa_16(preset, accum):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    flag, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(flag)
-    torch.set_rng_state(rng)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist")
-    write_fmnist(str(root), per_class_train=60, per_class_test=10)
-    return root
 
 
 def _argv(data, out, *extra, steps=20, batch=8):
