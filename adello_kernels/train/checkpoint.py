@@ -106,12 +106,18 @@ def save_atomic(obj, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+        _remove_if_left(tmp)
     _fsync_dir(directory)
+
+
+def _remove_if_left(tmp: str) -> None:
+    """Remove a temp file a failed write left behind (best effort: the error that matters is the
+    write's own)."""
+    if os.path.exists(tmp):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -127,11 +133,7 @@ def link_or_copy(src: str, dst: str) -> None:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+        _remove_if_left(tmp)
     _fsync_dir(directory)
 
 
