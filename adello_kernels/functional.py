@@ -6,10 +6,19 @@ import math
 import torch
 
 from . import backends
-from .ops.flexda import HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE, NUM_HPARAMS, FusedStep
+from .ops.flexda import (
+    HP_GATE,
+    HP_LAMBDA_D,
+    HP_LAMBDA_U,
+    HP_PRIOR_EM,
+    HP_TEMPERATURE,
+    NUM_HPARAMS,
+    FusedStep,
+)
 from .reference import FlexDAOutput, Scalar, accumulate_dtype, adjustments, flexda_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+PRIOR_ESTIMATORS = ("raw", "em")
 PRIOR_SUM_TOL = 1e-3
 
 
@@ -132,17 +141,26 @@ def check_hyperparameters(*, alpha, threshold, lambda_u, lambda_d, distill, temp
         raise ValueError(f"eps: expected a small positive float, got {eps!r}")
 
 
+def check_prior_estimator(value) -> str:
+    """'raw' or 'em' (docs/method.md, Prior estimator)."""
+    if not isinstance(value, str) or value not in PRIOR_ESTIMATORS:
+        raise ValueError(f"prior_estimator: expected one of {PRIOR_ESTIMATORS}, got {value!r}")
+    return value
+
+
 def _hparams(lambda_u: float, lambda_d: float, distill: Scalar, temperature: Scalar,
-             device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The op's [4] hyperparameter tensor (lambda_u, lambda_d, distill_gate, T) on `device`,
-    built from fills and device tensors only (no host-to-device copy, so it can be captured)."""
+             device: torch.device, dtype: torch.dtype, prior_em: bool = False) -> torch.Tensor:
+    """The op's [5] hyperparameter tensor (lambda_u, lambda_d, distill_gate, T, prior_em) on
+    `device`, built from fills and device tensors only (no host-to-device copy, so it can be
+    captured)."""
     def entry(v, gate=False):
         if isinstance(v, torch.Tensor):
             return ((v != 0) if gate else v).to(dtype).reshape(1)
         return torch.full((1,), float(bool(v)) if gate else float(v), dtype=dtype, device=device)
 
     slots = {HP_LAMBDA_U: entry(lambda_u), HP_LAMBDA_D: entry(lambda_d),
-             HP_GATE: entry(distill, gate=True), HP_TEMPERATURE: entry(temperature)}
+             HP_GATE: entry(distill, gate=True), HP_TEMPERATURE: entry(temperature),
+             HP_PRIOR_EM: entry(float(prior_em))}
     return torch.cat([slots[i] for i in range(NUM_HPARAMS)])
 
 
@@ -150,7 +168,8 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
                 logits_ulb_s: torch.Tensor, prior_lb: torch.Tensor, prior_ulb: torch.Tensor,
                 alpha: Scalar, *, threshold: float = 0.95, lambda_u: float = 1.0,
                 lambda_d: float = 1.0, distill: Scalar = True, temperature: Scalar = 1.0,
-                eps: float = 1e-9, backend: str = "auto", validate: bool = True) -> FlexDAOutput:
+                eps: float = 1e-9, prior_estimator: str = "raw", backend: str = "auto",
+                validate: bool = True) -> FlexDAOutput:
     """One ADELLO step (FlexDA + complementary consistency distillation), docs/method.md.
 
     Args:
@@ -164,6 +183,9 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
         threshold:    confidence threshold tau in (0, 1]
         distill:      include the distillation term (bool or 0-d tensor)
         temperature:  distillation temperature T > 0 (number or 0-d tensor)
+        prior_estimator: what `prior_batch` averages: "raw" softmax(logits_ulb_w) (the released
+                      method) or "em" softmax(logits_ulb_w + du), the weak posteriors adjusted
+                      from the target prior Qa to Q (docs/method.md, Prior estimator)
         backend:      'auto', 'reference', 'cpu', 'cuda' or 'triton'
         validate:     also check values (label range, priors, tensor hyperparameters); each is a
                       host sync on a GPU, so pass False inside a captured/compiled step
@@ -182,6 +204,7 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
     check_hyperparameters(alpha=alpha, threshold=threshold, lambda_u=lambda_u, lambda_d=lambda_d,
                           distill=distill, temperature=temperature, eps=eps, device=device,
                           validate=validate)
+    check_prior_estimator(prior_estimator)
     if not isinstance(backend, str):
         raise ValueError(f"backend: expected a string, got {type(backend).__name__}")
     name = backends.resolve_backend(backend, device)
@@ -190,11 +213,12 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
         return flexda_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                 prior_ulb, alpha, threshold=threshold, lambda_u=lambda_u,
                                 lambda_d=lambda_d, distill=distill, temperature=temperature,
-                                eps=eps)
+                                eps=eps, prior_estimator=prior_estimator)
 
     acc = accumulate_dtype(logits_lb.dtype)
     ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc)
-    hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc)
+    hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc,
+                       prior_em=prior_estimator == "em")
     return fused_step(name, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams,
                       float(threshold))
 

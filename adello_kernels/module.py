@@ -9,10 +9,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backends
-from .functional import check_logits, check_prior, flexda_loss
+from .functional import check_logits, check_prior, check_prior_estimator, flexda_loss
 from .ops.snapshot import snapshot
 from .ops.state import momentum_update, update_prior_
-from .reference import FlexDAOutput, alpha_schedule
+from .reference import FlexDAOutput, adjustments, alpha_schedule
 
 
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False,
@@ -41,6 +41,9 @@ class ADELLOLoss(nn.Module):
                         the prior after that step's update (that step's loss uses it too)
         lambda_u, lambda_d: loss weights
         flexda:         False turns both logit adjustments off (FixMatch targets)
+        prior_estimator: "raw" (the released method): Q tracks the EMA of softmax(z_w);
+                        "em": of softmax(z_w + du), the weak posteriors adjusted from the
+                        target prior Qa to Q (docs/method.md, Prior estimator)
         sync_prior:     all-reduce the batch prior across ranks before the update
         backend:        'auto', 'reference', 'cpu', 'cuda' or 'triton'
         validate:       check the label range every call (a host sync on a GPU)
@@ -53,8 +56,8 @@ class ADELLOLoss(nn.Module):
     def __init__(self, prior_lb: torch.Tensor, total_steps: int, *, alpha_min: float = 0.1,
                  power: float = 2.0, threshold: float = 0.95, prior_momentum: float = 0.999,
                  distill_start: int = 0, temperature=1.0, lambda_u: float = 1.0,
-                 lambda_d: float = 1.0, flexda: bool = True, sync_prior: bool = True,
-                 backend: str = "auto", validate: bool = True):
+                 lambda_d: float = 1.0, flexda: bool = True, prior_estimator: str = "raw",
+                 sync_prior: bool = True, backend: str = "auto", validate: bool = True):
         super().__init__()
         if not isinstance(prior_lb, torch.Tensor) or prior_lb.dim() != 1 or prior_lb.numel() == 0:
             raise ValueError("prior_lb: expected a non-empty 1-d [C] tensor")
@@ -79,6 +82,7 @@ class ADELLOLoss(nn.Module):
         self.lambda_u = _number("lambda_u", lambda_u, 0.0, math.inf, hi_open=True)
         self.lambda_d = _number("lambda_d", lambda_d, 0.0, math.inf, hi_open=True)
         self.flexda = bool(flexda)
+        self.prior_estimator = check_prior_estimator(prior_estimator)
         self.sync_prior = bool(sync_prior)
         if backend != "auto" and backend not in backends.BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of "
@@ -113,7 +117,8 @@ class ADELLOLoss(nn.Module):
         return (f"num_classes={self.num_classes}, total_steps={self.total_steps}, "
                 f"alpha_min={self.alpha_min}, power={self.power}, threshold={self.threshold}, "
                 f"prior_momentum={self.prior_momentum}, distill_start={self.distill_start}, "
-                f"temperature={t}, flexda={self.flexda}, backend={self.backend!r}")
+                f"temperature={t}, flexda={self.flexda}, "
+                f"prior_estimator={self.prior_estimator!r}, backend={self.backend!r}")
 
     def alpha(self) -> torch.Tensor:
         """alpha_t at the current step (a 0-d tensor on the module's device)."""
@@ -172,9 +177,13 @@ class ADELLOLoss(nn.Module):
 
         if self.imbalance_aware:
             # T = exp(KL(U || Q_t)) needs this step's updated prior before the distillation loss,
-            # so the batch prior is computed up front (one extra softmax over z_w, this mode only).
-            batch_prior = self._global_mean(
-                torch.softmax(logits_ulb_w.detach().float(), dim=-1).mean(0), n)
+            # so the batch prior is computed up front (one extra softmax over z_w, this mode only;
+            # the EM estimator's adjusted posteriors need du, from the same float64 prologue).
+            z_w = logits_ulb_w.detach().float()
+            if self.prior_estimator == "em" and self.flexda:
+                alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
+                z_w = z_w + adjustments(self.prior_lb, q_prev, alpha, 1e-9, torch.float32)[1]
+            batch_prior = self._global_mean(torch.softmax(z_w, dim=-1).mean(0), n)
             q_new, _ = momentum_update(q_prev, batch_prior, self.prior_momentum)
             c = self.num_classes
             kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
@@ -198,7 +207,8 @@ class ADELLOLoss(nn.Module):
             out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, p_l, q, alpha,
                               threshold=self.threshold, lambda_u=self.lambda_u,
                               lambda_d=self.lambda_d, distill=step >= self.distill_start,
-                              temperature=temperature, backend=backend, validate=False)
+                              temperature=temperature, prior_estimator=self.prior_estimator,
+                              backend=backend, validate=False)
         else:
             # Every fused backend: one op for the whole step (prologue from the state, rows,
             # reduce and, unless the batch prior must first be all-reduced, the prior/step
@@ -209,7 +219,7 @@ class ADELLOLoss(nn.Module):
                     step_buf, buffers["skipped_updates"], temperature, self.total_steps,
                     self.alpha_min, self.power, self.distill_start, self.lambda_u,
                     self.lambda_d, 1e-9, self.flexda, self.threshold, self.prior_momentum,
-                    fused_update)
+                    fused_update, self.prior_estimator == "em")
             out = FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                                prior_batch)
 

@@ -17,7 +17,7 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-from .ops.flexda import HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE
+from .ops.flexda import HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_PRIOR_EM, HP_TEMPERATURE
 
 Scalar = Union[float, int, bool, torch.Tensor]
 
@@ -31,7 +31,8 @@ class FlexDAOutput(NamedTuple):
     loss_distill  0-d fp32, detached: L_d (unweighted; 0 when distillation is off)
     mask          [N] fp32 of 0/1: max weak probability >= threshold
     pseudo_labels [N] int64: first-index argmax of the weak probabilities
-    prior_batch   [C] fp32: mean over the N rows of softmax(logits_ulb_w)
+    prior_batch   [C] fp32: mean over the N rows of softmax(logits_ulb_w) (prior_estimator
+                  "raw"), or of softmax(logits_ulb_w + du) ("em")
     (fp64 in place of fp32 when the logits are fp64.)
     """
 
@@ -112,7 +113,7 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                      prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar, *,
                      threshold: float = 0.95, lambda_u: float = 1.0, lambda_d: float = 1.0,
                      distill: Scalar = True, temperature: Scalar = 1.0,
-                     eps: float = 1e-9) -> FlexDAOutput:
+                     eps: float = 1e-9, prior_estimator: str = "raw") -> FlexDAOutput:
     """One ADELLO step in plain PyTorch (no input validation: see `flexda_loss`).
 
     Args: as `adello_kernels.flexda_loss`. Returns a `FlexDAOutput` whose `loss` is
@@ -157,8 +158,12 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     loss_distill = torch.where(gate, loss_distill_raw, torch.zeros_like(loss_distill_raw))
 
     loss = loss_sup + lambda_u * loss_unsup + lambda_d * loss_distill
-    # prior_batch: mean over the N weak rows of the soft probabilities, no mask.
-    prior_batch = pw.mean(dim=0)
+    # prior_batch: mean over the N weak rows of the soft probabilities, no mask (docs/method.md,
+    # Prior estimator): "raw" the weak softmax itself (the released method); "em" the weak
+    # posteriors adjusted from the training prior the logits are pulled to (Qa) to the current
+    # estimate Q, softmax(z_w + log(Q + eps) - log(Qa + eps)) = softmax(z_w + du): one EM step
+    # of Saerens, Latinne and Decaestecker (2002) per batch.
+    prior_batch = (torch.softmax(z_w + du, dim=-1) if prior_estimator == "em" else pw).mean(dim=0)
     return FlexDAOutput(loss, loss_sup.detach(), loss_unsup.detach(), loss_distill.detach(),
                         mask, pseudo_labels, prior_batch)
 
@@ -186,10 +191,11 @@ def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_l
     grad_lb = (logp_l.exp() - F.one_hot(safe, z_l.shape[1]).to(acc)) / b
     grad_lb = torch.where(valid[:, None], grad_lb, float("nan"))
 
-    # weak rows: pw, M, yhat, prior sum
+    # weak rows: pw, M, yhat, the batch prior (raw, or EM: adjusted to Q by du)
     pw = torch.softmax(z_w, dim=-1)
     max_pw, yhat = pw.max(dim=-1)
     mask = (max_pw >= threshold).to(acc)
+    prior_batch = torch.where(hp[HP_PRIOR_EM] != 0, torch.softmax(z_w + du, dim=-1), pw).mean(0)
 
     # strong rows: consistency on M, distillation on 1 - M
     a = z_s + du
@@ -206,5 +212,5 @@ def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_l
 
     loss = loss_sup + lambda_u * loss_unsup + lambda_d * loss_distill
     terms = torch.stack([loss_sup, loss_unsup, loss_distill])
-    return (loss, terms, mask, yhat, pw.mean(0), grad_lb.to(logits_lb.dtype),
+    return (loss, terms, mask, yhat, prior_batch, grad_lb.to(logits_lb.dtype),
             grad_s.to(logits_ulb_s.dtype))

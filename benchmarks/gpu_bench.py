@@ -194,10 +194,12 @@ def _fwd_fns(dtype, b, n, c):
     and the CUDA row op when built."""
     import adello_kernels as ak
     from adello_kernels.ops import flexda_triton as ft
+    from adello_kernels.ops.flexda import HP_PRIOR_EM, NUM_HPARAMS
     z = _inputs(b, n, c, dtype)
     state = _state(c)
     ds = torch.zeros(c, device=_device())
-    hp = torch.ones(4, device=_device())
+    hp = torch.ones(NUM_HPARAMS, device=_device())
+    hp[HP_PRIOR_EM] = 0.0                       # the raw prior estimator
     fns = {"triton:fwd": lambda: ft.flexda_fwd_triton(*z, ds, ds, hp, 0.95),
            "triton:step-fwd": lambda: _step_call(z, state)}
     if "cuda" in ak.available_backends():

@@ -11,6 +11,7 @@ Providers:
                   (`LeanADELLO`: about a dozen PyTorch ops, no validation, Python step counter)
     lean-compile  torch.compile of that same step function
     cpu / triton / cuda   ADELLOLoss(backend=...), the fused kernels
+    cpu-em / cuda-em      the same with prior_estimator="em" (what the EM prior estimator costs)
 
 Only the public API is used (ak.ADELLOLoss, ak.flexda_loss, ak.available_backends,
 ak.alpha_schedule, ak.FlexDAOutput), so the providers do not depend on how the library is built
@@ -67,9 +68,9 @@ def bench_prior(c: int, device: str) -> torch.Tensor:
     return prior / prior.sum()
 
 
-def _criterion(backend: str, shape: Shape, device: str) -> ak.ADELLOLoss:
+def _criterion(backend: str, shape: Shape, device: str, **kw) -> ak.ADELLOLoss:
     crit = ak.ADELLOLoss(bench_prior(shape.c, device), TOTAL_STEPS, backend=backend,
-                         validate=False)
+                         validate=False, **kw)
     crit.step.fill_(START_STEP)
     return crit
 
@@ -188,8 +189,8 @@ def _assert_close(actual, expected, what: str, atol: float = 1e-6) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-def _plain(backend: str) -> Callable[[Shape, str], Callable]:
-    return lambda shape, device: _criterion(backend, shape, device)
+def _plain(backend: str, **kw) -> Callable[[Shape, str], Callable]:
+    return lambda shape, device: _criterion(backend, shape, device, **kw)
 
 
 def _compiled(backend: str) -> Callable[[Shape, str], Callable]:
@@ -206,6 +207,8 @@ PROVIDERS: dict[str, tuple[str, Callable]] = {
     "cpu": ("cpu", _plain("cpu")),
     "triton": ("triton", _plain("triton")),
     "cuda": ("cuda", _plain("cuda")),
+    "cpu-em": ("cpu", _plain("cpu", prior_estimator="em")),
+    "cuda-em": ("cuda", _plain("cuda", prior_estimator="em")),
 }
 BASELINES = ("eager", "compile", "lean", "lean-compile")
 

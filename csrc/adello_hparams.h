@@ -11,7 +11,9 @@ enum HParam : int {
   kHpLambdaD = 1,      // weight of the distillation term L_d
   kHpGate = 2,         // 1 when the distillation term counts this step (t >= t0), else 0
   kHpTemperature = 3,  // distillation temperature T > 0
-  kNumHParams = 4,
+  kHpPriorEm = 4,      // != 0: prior_batch is mean_i softmax(z_w[i] + du) (EM estimator), else
+                       // mean_i softmax(z_w[i]) (raw, the released method)
+  kNumHParams = 5,
 };
 
 }  // namespace adello

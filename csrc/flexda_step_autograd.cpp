@@ -34,8 +34,8 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 using StepFn = Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                        const at::Tensor&, int64_t, double, double, int64_t, double, double,
-                       double, bool, double, double, bool);
-constexpr size_t kNumInputs = 20;  // tensors and scalars of the schema, in order
+                       double, bool, double, double, bool, bool);
+constexpr size_t kNumInputs = 21;  // tensors and scalars of the schema, in order
 constexpr size_t kLogitsLb = 0, kLogitsUlbS = 3;
 
 // True for an ordinary tensor of a real device: no tracing (Python / functionalization / fake)
@@ -58,7 +58,7 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
       at::Tensor step, at::Tensor skipped_updates, const at::Tensor& temperature,
       int64_t total_steps, double alpha_min, double power, int64_t distill_start,
       double lambda_u, double lambda_d, double eps, bool flexda, double threshold,
-      double prior_momentum, bool update) {
+      double prior_momentum, bool update, bool prior_em) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adello::flexda_step", "")
                                .typed<StepFn>();
@@ -67,7 +67,8 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out = op.call(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
                     skipped_updates, temperature, total_steps, alpha_min, power, distill_start,
-                    lambda_u, lambda_d, eps, flexda, threshold, prior_momentum, update);
+                    lambda_u, lambda_d, eps, flexda, threshold, prior_momentum, update,
+                    prior_em);
     }
     if (update) {
       for (const at::Tensor* s : {&prior_ulb, &step, &skipped_updates}) {
@@ -120,11 +121,12 @@ Outputs flexda_step_autograd(const at::Tensor& logits_lb, const at::Tensor& labe
                              at::Tensor& skipped_updates, const at::Tensor& temperature,
                              int64_t total_steps, double alpha_min, double power,
                              int64_t distill_start, double lambda_u, double lambda_d, double eps,
-                             bool flexda, double threshold, double prior_momentum, bool update) {
+                             bool flexda, double threshold, double prior_momentum, bool update,
+                             bool prior_em) {
   const auto out = FlexdaStep::apply(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                      prior_ulb, step, skipped_updates, temperature, total_steps,
                                      alpha_min, power, distill_start, lambda_u, lambda_d, eps,
-                                     flexda, threshold, prior_momentum, update);
+                                     flexda, threshold, prior_momentum, update, prior_em);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adello_kernels.ops.flexda import HP_GATE, HP_LAMBDA_D, HP_LAMBDA_U, HP_TEMPERATURE, NUM_HPARAMS
+from adello_kernels.ops.flexda import (
+    HP_GATE,
+    HP_LAMBDA_D,
+    HP_LAMBDA_U,
+    HP_PRIOR_EM,
+    HP_TEMPERATURE,
+    NUM_HPARAMS,
+)
 from adello_kernels.reference import (
     accumulate_dtype,
     adjustments,
@@ -110,11 +117,13 @@ def make_inputs(b: int, n: int, c: int, *, scale: float = 5.0, dtype=torch.float
             prior_ulb.to(device))
 
 
-def hparams_tensor(lambda_u, lambda_d, gate, temperature, acc, device="cpu") -> torch.Tensor:
+def hparams_tensor(lambda_u, lambda_d, gate, temperature, acc, device="cpu",
+                   prior_em=False) -> torch.Tensor:
     """The op's [NUM_HPARAMS] hparams, each value in its named slot."""
     hp = torch.zeros(NUM_HPARAMS, dtype=acc, device=device)
     hp[HP_LAMBDA_U], hp[HP_LAMBDA_D] = float(lambda_u), float(lambda_d)
     hp[HP_GATE], hp[HP_TEMPERATURE] = float(bool(gate)), float(temperature)
+    hp[HP_PRIOR_EM] = float(bool(prior_em))
     return hp
 
 
@@ -146,11 +155,12 @@ def fwd_args(b: int, n: int, c: int, dtype=torch.float32, *, seed: int = 0, scal
              alpha: float = 0.6, lambda_u: float = 0.8, lambda_d: float = 1.3, gate: bool = True,
              temperature: float = 1.0, threshold: float = 0.95, prior_zeros: bool = False,
              confident_frac: float = 0.5, ties: bool = False, threshold_on_row: bool = False,
-             device="cpu"):
+             prior_em: bool = False, device="cpu"):
     """The 8 arguments of adello::flexda_fwd, with ds, du as every path builds them (float64,
     rounded once to the accumulate dtype) and non-unit lambdas so that a swapped weight shows.
     `ties` plants exact and near ties in the weak rows; `threshold_on_row` sets tau to one weak
-    row's exact maximum probability (the inclusive comparison decides that row)."""
+    row's exact maximum probability (the inclusive comparison decides that row); `prior_em`
+    asks for the EM batch prior (hparams slot HP_PRIOR_EM)."""
     z_l, y, z_w, z_s, p_l, q = make_inputs(b, n, c, dtype=dtype, seed=seed, scale=scale,
                                            confident_frac=confident_frac,
                                            prior_zeros=prior_zeros)
@@ -163,7 +173,7 @@ def fwd_args(b: int, n: int, c: int, dtype=torch.float32, *, seed: int = 0, scal
         threshold = min(max(float(pmax[row]), 1e-6), 1.0)
     acc = accumulate_dtype(dtype)
     ds, du = adjustments(p_l, q, alpha, 1e-9, acc)
-    hp = hparams_tensor(lambda_u, lambda_d, gate, temperature, acc)
+    hp = hparams_tensor(lambda_u, lambda_d, gate, temperature, acc, prior_em=prior_em)
     args = [z_l, y, z_w, z_s, ds, du, hp, float(threshold)]
     return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
 
@@ -181,11 +191,13 @@ def reference_outputs(args):
 
 
 def reference_op_outputs(z_l, y, z_w, z_s, prior_lb, prior_ulb, alpha, *, threshold=0.95,
-                         lambda_u=1.0, lambda_d=1.0, distill=True, temperature=1.0, eps=1e-9):
+                         lambda_u=1.0, lambda_d=1.0, distill=True, temperature=1.0, eps=1e-9,
+                         prior_estimator="raw"):
     """The fused op's seven outputs from the float64 reference, adjustments built from the
     priors as `flexda_loss` builds them for logits of z_l's dtype."""
     ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, accumulate_dtype(z_l.dtype))
-    hp = hparams_tensor(lambda_u, lambda_d, distill, temperature, torch.float64, z_l.device)
+    hp = hparams_tensor(lambda_u, lambda_d, distill, temperature, torch.float64, z_l.device,
+                        prior_em=prior_estimator == "em")
     return flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds.double(),
                                 du.double(), hp, threshold)
 
@@ -366,18 +378,21 @@ class StepConfig:
     flexda: bool = True
     threshold: float = 0.9
     prior_momentum: float = 0.7
+    prior_em: bool = False
 
     def op_tail(self, update: bool):
         """The op's scalar arguments after `temperature`, in schema order."""
         return [self.total_steps, self.alpha_min, self.power, self.distill_start, self.lambda_u,
-                self.lambda_d, self.eps, self.flexda, self.threshold, self.prior_momentum, update]
+                self.lambda_d, self.eps, self.flexda, self.threshold, self.prior_momentum, update,
+                self.prior_em]
 
 
 def step_fwd_args(z_l, y, z_w, z_s, prior_lb, prior_ulb, t: int, temperature: float,
                   cfg: StepConfig):
     """The `flexda_fwd` arguments one step at state (Q = prior_ulb, step t, T) stands for:
     alpha_t from the schedule, ds, du in float64 rounded once to acc (zero without flexda), the
-    gate [t >= distill_start] -- the prologue of docs/contract.md, from host values."""
+    gate [t >= distill_start], the prior estimator -- the prologue of docs/contract.md, from
+    host values."""
     acc = accumulate_dtype(z_l.dtype)
     c = z_l.shape[1]
     if cfg.flexda:
@@ -385,7 +400,8 @@ def step_fwd_args(z_l, y, z_w, z_s, prior_lb, prior_ulb, t: int, temperature: fl
         ds, du = adjustments(prior_lb.cpu(), prior_ulb.cpu(), alpha, cfg.eps, acc)
     else:
         ds = du = torch.zeros(c, dtype=acc)
-    hp = hparams_tensor(cfg.lambda_u, cfg.lambda_d, t >= cfg.distill_start, temperature, acc)
+    hp = hparams_tensor(cfg.lambda_u, cfg.lambda_d, t >= cfg.distill_start, temperature, acc,
+                        prior_em=cfg.prior_em)
     return [z_l, y, z_w, z_s, ds, du, hp, cfg.threshold]
 
 

@@ -135,13 +135,15 @@ class Case:
     ties: bool
     prior_zeros: bool
     confident_frac: float
+    prior_em: bool
 
     @property
     def id(self):
         tau = "tau=row" if self.threshold_on_row else f"tau{self.threshold}"
         return (f"B{self.b}-N{self.n}-C{self.c}-{K.DTYPE_IDS[self.dtype]}-T{self.temperature}-"
                 f"{'gate' if self.gate else 'nogate'}-lu{self.lambda_u}-ld{self.lambda_d}-{tau}"
-                f"{'-ties' if self.ties else ''}{'-p0' if self.prior_zeros else ''}")
+                f"{'-ties' if self.ties else ''}{'-p0' if self.prior_zeros else ''}"
+                f"{'-em' if self.prior_em else ''}")
 
     def args(self):
         return K.fwd_args(self.b, self.n, self.c, self.dtype, seed=self.seed, scale=self.scale,
@@ -149,7 +151,7 @@ class Case:
                           gate=self.gate, temperature=self.temperature,
                           threshold=self.threshold, threshold_on_row=self.threshold_on_row,
                           ties=self.ties, prior_zeros=self.prior_zeros,
-                          confident_frac=self.confident_frac)
+                          confident_frac=self.confident_frac, prior_em=self.prior_em)
 
 
 def _log_uniform_int(gen, lo: int, hi: int) -> int:
@@ -179,7 +181,7 @@ def contract_cases(backend: str) -> list[Case]:
             lambda_u=pick(LAMBDAS), lambda_d=pick(LAMBDAS), gate=k % 3 != 2,
             temperature=TEMPERATURES[k % len(TEMPERATURES)], threshold=pick(THRESHOLDS),
             threshold_on_row=k % 4 == 1, ties=k % 3 == 0, prior_zeros=k % 2 == 1,
-            confident_frac=float(torch.rand((), generator=gen))))
+            confident_frac=float(torch.rand((), generator=gen)), prior_em=k % 4 in (1, 2)))
     return cases
 
 
@@ -281,6 +283,16 @@ def test_check_outputs_catches_planted_bugs():
     with pytest.raises(AssertionError):
         K.check_outputs(planted(1, lambda x: x + torch.tensor([0, 0, 1e-30]),
                                 base=K.reference_outputs(off)), off, what="gate ignored")
+    # the prior estimator: the raw batch prior where EM was asked for (and the other way) fails
+    em = list(args)
+    em[6] = K.hparams_tensor(0.8, 1.3, True, 0.7, torch.float32, prior_em=True)
+    want_em = K.reference_outputs(em)
+    K.check_outputs(as_fp32(want_em), em, what="EM reference")
+    assert float((want_em[4] - want[4]).abs().max()) > 1e-3  # the two estimators differ here
+    with pytest.raises(AssertionError, match="prior_batch"):
+        K.check_outputs(as_fp32(want), em, what="raw prior under EM")
+    with pytest.raises(AssertionError, match="prior_batch"):
+        K.check_outputs(as_fp32(want_em), args, what="EM prior under raw")
     # NaN expectations: a finite loss or gradient row where the reference is NaN fails
     bad = list(args)
     bad[1] = args[1].clone()
@@ -413,6 +425,8 @@ STEP_VARIANTS = {  # name: (dtype, StepConfig overrides, T)
     "fp32-flexda-T1": (torch.float32, {}, 1.0),
     "bf16-noflexda-T0.6": (torch.bfloat16, dict(flexda=False, lambda_u=1.0), 0.6),
     "fp64-flexda-T2": (torch.float64, dict(threshold=0.6, lambda_d=0.0), 2.0),
+    "fp32-flexda-T0.8-em": (torch.float32, dict(prior_em=True), 0.8),
+    "fp16-noflexda-T1-em": (torch.float16, dict(flexda=False, prior_em=True), 1.0),
 }
 STEP_SHAPES = {"cpu": (33, 70, 257), "cuda": (5, 12, 130), "triton": (6, 10, 37)}
 

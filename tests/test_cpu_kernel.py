@@ -99,7 +99,7 @@ def test_small_losses_keep_relative_precision():
         z_s[0, 8] = margin
         zero = torch.zeros(c)
         args = [z_l, torch.tensor([3]), z_w, z_s, zero, zero,
-                torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.95]
+                torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]), 0.95]
         got, want = run(args), reference_outputs(args)
         for name, a, b in (("L_s", got[1][0], want[1][0]), ("L_u", got[1][1], want[1][1])):
             assert b > 0 and abs(float(a) - float(b)) <= 1e-5 * float(b), \
@@ -248,7 +248,7 @@ BAD_ARGS = [  # (what, position, replacement)
     ("empty labeled batch", 0, lambda z: z[:0]),
     ("integer logits", 0, lambda z: z.int()),
     ("threshold 0", 7, 0.0),
-    ("temperature 0", 6, lambda v: torch.tensor([1.0, 1.0, 1.0, 0.0])),
+    ("temperature 0", 6, lambda v: torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])),
 ]
 
 

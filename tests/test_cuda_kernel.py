@@ -22,6 +22,7 @@ import copy
 
 import pytest
 import torch
+from contract import hparams_tensor
 from cuda_emu import emulator_ops
 
 import adello_kernels as ak
@@ -70,13 +71,13 @@ def rows_for(c: int) -> tuple[int, int]:
 
 
 def op_inputs(z_l, prior_lb, prior_ulb, alpha, *, lambda_u=1.0, lambda_d=0.7, distill=True,
-              temperature=1.0):
+              temperature=1.0, prior_em=False):
     """The op's vector inputs (ds, du, hparams) in the accumulate dtype, as flexda_loss builds
     them."""
     acc = torch.float64 if z_l.dtype == torch.float64 else torch.float32
     ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, 1e-9, dtype=acc)
-    hp = torch.tensor([lambda_u, lambda_d, float(distill), temperature], dtype=acc,
-                      device=z_l.device)
+    hp = hparams_tensor(lambda_u, lambda_d, distill, temperature, acc, z_l.device,
+                        prior_em=prior_em)
     return ds, du, hp
 
 
@@ -87,10 +88,11 @@ def reference(z_l, y, z_w, z_s, ds, du, hp, threshold):
 
 
 def cuda_case(b, n, c, dtype, *, seed=0, scale=5.0, distill=True, temperature=1.0,
-              threshold=0.95, alpha=0.6, confident_frac=0.5):
+              threshold=0.95, alpha=0.6, confident_frac=0.5, prior_em=False):
     z_l, y, z_w, z_s, p_l, q = make_inputs(b, n, c, dtype=dtype, seed=seed, scale=scale,
                                            device="cuda", confident_frac=confident_frac)
-    ds, du, hp = op_inputs(z_l, p_l, q, alpha, distill=distill, temperature=temperature)
+    ds, du, hp = op_inputs(z_l, p_l, q, alpha, distill=distill, temperature=temperature,
+                           prior_em=prior_em)
     return [z_l, y, z_w, z_s, ds, du, hp, threshold]
 
 
@@ -118,6 +120,25 @@ def test_matches_reference(c, dtype, mode):
     if not distill:
         assert float(got[1][2]) == 0.0
     assert_outputs_close(got, reference(*args), args[2], dtype, what=f"C={c} {dtype} {mode}")
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("c", CLASS_COUNTS)
+def test_em_prior_matches_reference(c, dtype):
+    """hparams[HP_PRIOR_EM] = 1: prior_batch = mean_i softmax(z_w[i] + du) in every regime (fp64:
+    its warp and looped tiers), repeated runs bit-identical."""
+    if dtype == torch.float64 and c > 9000:
+        pytest.skip("fp64 at C = 32768 adds nothing over C = 9000 (same looped kernel)")
+    b, n = rows_for(c)
+    args = cuda_case(b, n, c, dtype, seed=c + 2, temperature=0.8, prior_em=True)
+    got = run(args)
+    assert_outputs_close(got, reference(*args), args[2], dtype, what=f"em C={c} {dtype}",
+                         args=args)
+    again = run(args)
+    for i, (g, w) in enumerate(zip(again, got)):
+        assert torch.equal(g, w), f"output {i} differs between runs"
 
 
 @pytest.mark.gpu
@@ -356,7 +377,7 @@ def test_flexda_loss_cuda_backend_gradients():
 
 STEP_DEFAULTS = dict(total_steps=50, alpha_min=0.1, power=2.0, distill_start=0, lambda_u=1.0,
                      lambda_d=0.7, eps=1e-9, flexda=True, threshold=0.95, prior_momentum=0.9,
-                     update=True)
+                     update=True, prior_em=False)
 
 
 def make_state(prior_ulb, step=0, skipped=0, temperature=1.0):
@@ -373,15 +394,16 @@ def step_args(logits, prior_lb, state, **kw):
     return [z_l, y, z_w, z_s, prior_lb, state["prior_ulb"], state["step"], state["skipped"],
             state["temperature"], o["total_steps"], o["alpha_min"], o["power"],
             o["distill_start"], o["lambda_u"], o["lambda_d"], o["eps"], o["flexda"],
-            o["threshold"], o["prior_momentum"], o["update"]]
+            o["threshold"], o["prior_momentum"], o["update"], o["prior_em"]]
 
 
 def step_fwd_equivalent(args, prior_ulb, t):
     """The flexda_fwd arguments one step stands for, from the state on entry (Q = prior_ulb,
     step = t): the prologue in float64 rounded once to the accumulate dtype (as the kernels do),
-    hparams (lambda_u, lambda_d, [t >= t0], T). check_outputs / reference_outputs take these."""
+    hparams (lambda_u, lambda_d, [t >= t0], T, prior_em). check_outputs / reference_outputs take
+    these."""
     (z_l, y, z_w, z_s, p_l, _q, _t, _k, temp, total, amin, power, t0, lu, ld, eps, flexda, tau,
-     _m, _u) = args
+     _m, _u, em) = args
     acc = accumulate_dtype(z_l.dtype)
     if flexda:
         alpha = alpha_schedule(t, total, amin, power)
@@ -389,7 +411,7 @@ def step_fwd_equivalent(args, prior_ulb, t):
         ds, du = ds.to(acc), du.to(acc)
     else:
         ds = du = torch.zeros(z_l.shape[1], dtype=acc, device=z_l.device)
-    hp = torch.tensor([lu, ld, float(t >= t0), float(temp)], dtype=acc, device=z_l.device)
+    hp = hparams_tensor(lu, ld, t >= t0, float(temp), acc, z_l.device, prior_em=em)
     return [z_l, y, z_w, z_s, ds, du, hp, tau]
 
 
@@ -410,7 +432,7 @@ def check_step(op, logits, prior_lb, state, dtype, what, **kw):
     for i in range(4):
         assert out[i].dim() == 0, f"{what}: output {i} is not 0-d"
     assert out[7].dtype == dtype and out[8].dtype == dtype
-    update = args[-1]
+    update = args[19]
     prior = out[6]
     finite = bool(torch.isfinite(prior).all())
     if update:
@@ -508,10 +530,11 @@ def emulated_op():
     return emulator_ops().flexda_fwd
 
 
-def cpu_case(b, n, c, dtype, mode, seed=0):
+def cpu_case(b, n, c, dtype, mode, seed=0, prior_em=False):
     distill, temperature = MODES[mode]
     z_l, y, z_w, z_s, p_l, q = make_inputs(b, n, c, dtype=dtype, seed=seed)
-    ds, du, hp = op_inputs(z_l, p_l, q, 0.6, distill=distill, temperature=temperature)
+    ds, du, hp = op_inputs(z_l, p_l, q, 0.6, distill=distill, temperature=temperature,
+                           prior_em=prior_em)
     return [z_l, y, z_w, z_s, ds, du, hp, 0.95]
 
 
@@ -574,6 +597,72 @@ def test_emulated_kernel_large_strong_logits():
     assert_outputs_close(got, reference(*args), args[2], torch.float32, what="large logits")
 
 
+# The EM batch prior (hparams[HP_PRIOR_EM] != 0: prior_batch = mean_i softmax(z_w[i] + du)) in
+# every row regime, including those the contract's cuda cases (tests/test_contract.py LIMITS: C
+# <= 4097, <= 40 rows, <= 40000 elements) may not draw: warp/8, warp/16, the blocks of 256 and
+# 512, the looped kernel (online sum of exp(z_w - m) r in the weak pass) and fp64's tiers.
+EM_CASES = [
+    (10, torch.float32, 5, 21, "distill-T1"),          # warp/4, rows loop
+    (200, torch.bfloat16, 5, 21, "distill-T0.6"),      # warp/8
+    (500, torch.float16, 5, 21, "nodistill-T2.5"),     # warp/16
+    (1000, torch.float32, 3, 9, "distill-T1"),         # pair of warps
+    (3000, torch.bfloat16, 2, 6, "distill-T0.6"),      # block of 256
+    (4097, torch.float32, 2, 5, "distill-T1"),         # block of 512, odd C
+    (9000, torch.float32, 2, 5, "distill-T0.6"),       # looped
+    (9000, torch.bfloat16, 2, 5, "distill-T1"),        # looped, 16-bit loads, q = pw
+    (10, torch.float64, 5, 21, "distill-T0.6"),        # fp64 warp/4
+    (300, torch.float64, 3, 9, "distill-T1"),          # fp64 warp/16
+    (600, torch.float64, 3, 9, "distill-T0.6"),        # fp64 looped
+]
+EM_IDS = [f"C{c}-{str(d)[6:]}-{m}" for c, d, _, _, m in EM_CASES]
+
+
+def with_prior_em(args, on):
+    """args with hparams[HP_PRIOR_EM] set to `on` (a copy of hparams, the rest shared)."""
+    out = list(args)
+    out[6] = args[6].clone()
+    out[6][flexda_ops.HP_PRIOR_EM] = float(on)
+    return out
+
+
+@pytest.mark.parametrize("c,dtype,b,n,mode", EM_CASES, ids=EM_IDS)
+def test_emulated_kernel_em_prior(c, dtype, b, n, mode):
+    """The EM prior against the reference; it differs from the raw prior (du != 0) while every
+    other output keeps the raw bits (the mask and pseudo-labels come from the same s_w; the host
+    compiler contracts nothing, so the looped kernel's online s_w is the raw one bit for bit);
+    with du = 0 (flexda off) em gives the raw bits everywhere (r = exp(0) = 1)."""
+    args = cpu_case(b, n, c, dtype, mode, seed=c + 1, prior_em=True)
+    got = emulated_op()(*args)
+    assert_outputs_close(got, reference(*args), args[2], dtype, what=f"em C={c} {mode}",
+                         args=args)
+    raw = emulated_op()(*with_prior_em(args, False))
+    for i, (g, w) in enumerate(zip(got, raw)):
+        if i != 4:
+            assert torch.equal(g, w), f"output {i} depends on prior_em"
+    assert not torch.allclose(got[4], raw[4], rtol=0, atol=1e-4), "em prior equals the raw one"
+    args[5] = torch.zeros_like(args[5])
+    got = emulated_op()(*args)
+    raw = emulated_op()(*with_prior_em(args, False))
+    for i, (g, w) in enumerate(zip(got, raw)):
+        assert torch.equal(g, w), f"du = 0: output {i} differs between em and raw"
+
+
+@pytest.mark.parametrize("c,dtype", [(127, torch.float32), (1000, torch.bfloat16),
+                                     (3000, torch.float32), (9000, torch.float32),
+                                     (600, torch.float64)])
+def test_emulated_kernel_em_nan_weak_row(c, dtype):
+    """A NaN weak logit makes that row's EM prior, hence every entry of prior_batch, NaN (as the
+    reference and raw mode); the pseudo-labels stay in range."""
+    args = cpu_case(3, 9, c, dtype, "distill-T0.6", seed=2, prior_em=True)
+    args[2] = args[2].clone()
+    args[2][4, c // 3] = float("nan")
+    got = emulated_op()(*args)
+    want = reference(*args)
+    assert bool(torch.isnan(want[4]).all())
+    assert bool(torch.isnan(got[4]).all()), "a NaN weak row left prior_batch entries finite"
+    assert bool(((got[3] >= 0) & (got[3] < c)).all())
+
+
 # flexda_step: (C, dtype, B, N, temperature, steps). Every regime; with the emulator's 16 KB
 # budget for the adjustment vector, the looped fp32/bf16 cases at C = 9000 (C > 8192) and fp64
 # at C = 3000 recompute each adjustment per element, fp64 at C = 600 keeps it in shared memory.
@@ -607,6 +696,29 @@ def test_emulated_step_over_several_steps(c, dtype, b, n, temperature, steps):
               temperature=temperature, distill_start=2, total_steps=5)
 
 
+# prior_em=True (the contract's step variants run it at C = 130 only): the looped kernel with
+# each adjustment recomputed per element (C = 9000 fp32, 3000 fp64: past the emulator's 16 KB
+# ADELLO_ADJ_SMEM_BYTES; r = exp(du) from the recomputed du) and in shared memory (fp64 600),
+# the blocks of 128 and 512, warp/8. Each with a NaN step (the update skipped).
+EM_STEP_CASES = [
+    (200, torch.float32, 7, 30, 2.5, 3),     # warp/8
+    (2000, torch.float16, 3, 9, 1.0, 3),     # block of 128
+    (4097, torch.bfloat16, 2, 5, 0.6, 3),    # block of 512
+    (9000, torch.float32, 2, 5, 1.0, 3),     # looped, recomputed
+    (600, torch.float64, 3, 9, 0.6, 3),      # fp64 looped, shared memory
+    (3000, torch.float64, 2, 5, 1.0, 3),     # fp64 looped, recomputed
+]
+
+
+@pytest.mark.parametrize("c,dtype,b,n,temperature,steps", EM_STEP_CASES,
+                         ids=[f"C{c}-{str(d)[6:]}-T{t}" for c, d, _, _, t, _ in EM_STEP_CASES])
+def test_emulated_step_em_over_several_steps(c, dtype, b, n, temperature, steps):
+    """flexda_step(prior_em=True): each step's EM prior against the reference and Q updated from
+    it, across steps whose du changes with Q and alpha_t."""
+    run_steps(emulator_ops().flexda_step, b, n, c, dtype, steps=steps, nan_step=1, seed=c + 5,
+              temperature=temperature, distill_start=1, total_steps=5, prior_em=True)
+
+
 # (update=False and flexda=False at one small shape each are also in tests/test_contract.py; these
 # add the pair-of-warps regime.)
 @pytest.mark.parametrize("c,dtype", [(127, torch.float32), (1000, torch.bfloat16)])
@@ -636,18 +748,21 @@ def test_emulated_step_state_dtypes_and_layouts():
     assert state["prior_ulb"].dtype == torch.float64
 
 
-def test_emulated_step_agrees_with_fwd():
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+def test_emulated_step_agrees_with_fwd(prior_em):
     """flexda_step = its prologue + flexda_fwd: fed the same adjustments (computed by the
-    reference in float64 and rounded once, as the prologue does) and hyperparameters, the rows
-    and the reduce are the same code, so the outputs agree to the last few ulp."""
+    reference in float64 and rounded once, as the prologue does) and hyperparameters (the step's
+    prior_em argument = flexda_fwd's hparams slot), the rows and the reduce are the same code, so
+    the outputs agree to the last few ulp."""
     ops = emulator_ops()
     z_l, y, z_w, z_s, p_l, q = make_inputs(6, 22, 64, seed=9)
     state = make_state(q, step=7, temperature=0.9)
-    args = step_args((z_l, y, z_w, z_s), p_l, state, update=False, distill_start=3)
+    args = step_args((z_l, y, z_w, z_s), p_l, state, update=False, distill_start=3,
+                     prior_em=prior_em)
     got = as_fwd_outputs(ops.flexda_step(*args))
     alpha = alpha_schedule(7, args[9], args[10], args[11])
     ds, du = logit_adjustments(p_l, q, alpha, args[15], dtype=torch.float64)
-    hp = torch.tensor([args[13], args[14], 1.0, 0.9], dtype=torch.float32)
+    hp = hparams_tensor(args[13], args[14], True, 0.9, torch.float32, prior_em=prior_em)
     want = ops.flexda_fwd(z_l, y, z_w, z_s, ds.float(), du.float(), hp, args[17])
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.allclose(g.double(), w.double(), rtol=1e-6, atol=1e-7), f"output {i}"
@@ -717,6 +832,20 @@ def test_cuda_step_over_several_steps(c, dtype):
     b, n = rows_for(c)
     run_steps(_cuda_step_op, b, n, c, dtype, device="cuda", steps=4, nan_step=1, seed=c,
               temperature=0.7, distill_start=2, total_steps=5)
+
+
+@pytest.mark.gpu
+@needs_cuda_step
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("c", [10, 500, 1000, 4097, 9000, 32768])
+def test_cuda_step_em_over_several_steps(c, dtype):
+    """prior_em=True: the EM batch prior and the Q trajectory it drives; at C = 32768 (fp32
+    128 KB > ADELLO_ADJ_SMEM_BYTES) the looped kernel recomputes each adjustment, r included."""
+    if dtype == torch.float64 and c > 9000:
+        pytest.skip("fp64 at C = 32768 adds nothing over C = 9000 (same looped kernel)")
+    b, n = rows_for(c)
+    run_steps(_cuda_step_op, b, n, c, dtype, device="cuda", steps=3, nan_step=1, seed=c + 3,
+              temperature=0.7, distill_start=1, total_steps=5, prior_em=True)
 
 
 @pytest.mark.gpu

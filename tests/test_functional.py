@@ -71,6 +71,7 @@ BAD_KEYWORD = [
     ("distill", "yes"), ("distill", torch.tensor([True, False])),
     ("eps", 0.0), ("eps", 0.5),
     ("backend", "gpu"), ("backend", None),
+    ("prior_estimator", "EM"), ("prior_estimator", True),
 ]
 
 
@@ -115,14 +116,16 @@ def test_available_backends_and_auto():
 
 @pytest.mark.parametrize("backend", [b for b in ak.available_backends()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("temperature,distill", [(1.0, True), (0.6, True), (2.0, False)])
-def test_every_backend_matches_reference(backend, dtype, temperature, distill):
+@pytest.mark.parametrize("temperature,distill,estimator", [(1.0, True, "raw"), (0.6, True, "raw"),
+                                                           (2.0, False, "raw"), (0.6, True, "em")])
+def test_every_backend_matches_reference(backend, dtype, temperature, distill, estimator):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernel computes in fp32 (tested in test_triton_kernel.py)")
     z_l, y, z_w, z_s, p_l, q = make_inputs(37, 45, 19, dtype=dtype, seed=11, scale=6.0)
     z_l.requires_grad_()
     z_s.requires_grad_()
-    kw = dict(threshold=0.9, lambda_u=1.2, lambda_d=0.8, distill=distill, temperature=temperature)
+    kw = dict(threshold=0.9, lambda_u=1.2, lambda_d=0.8, distill=distill, temperature=temperature,
+              prior_estimator=estimator)
     out = ak.flexda_loss(z_l, y, z_w, z_s, p_l, q, 0.3, backend=backend, **kw)
     g_l, g_s = torch.autograd.grad(out.loss, (z_l, z_s))
     assert g_l.dtype == dtype and g_s.dtype == dtype
@@ -130,7 +133,8 @@ def test_every_backend_matches_reference(backend, dtype, temperature, distill):
            out.pseudo_labels, out.prior_batch, g_l, g_s)
     # the op's arguments as flexda_loss builds them: the comparison re-scores exempt rows
     ds, du = adjustments(p_l, q, 0.3, 1e-9, accumulate_dtype(dtype))
-    hp = hparams_tensor(1.2, 0.8, distill, temperature, accumulate_dtype(dtype))
+    hp = hparams_tensor(1.2, 0.8, distill, temperature, accumulate_dtype(dtype),
+                        prior_em=estimator == "em")
     check_outputs(got, [z_l.detach(), y, z_w, z_s.detach(), ds, du, hp, 0.9], what=backend)
     for term in (out.loss_sup, out.loss_unsup, out.loss_distill, out.mask, out.prior_batch):
         assert not term.requires_grad

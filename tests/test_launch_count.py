@@ -257,7 +257,7 @@ def test_the_counter_sees_compute_ops_and_launches():
         _one_step(crit, inputs)
     assert sum(work.launches.values()) == 0 and work.units() > 10 * MAX_UNITS, work.report()
     z_l, y, z_w, z_s = (x.detach() for x in _inputs(8, 8, 50, 4))
-    hp = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    hp = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])  # hparams slots: ops/flexda.py
     with StepWork() as work:
         ft.flexda_fwd_triton(z_l, y, z_w, z_s, torch.zeros(50), torch.zeros(50), hp, 0.9)
     assert dict(work.launches) == {"_rows_kernel": 1, "_finalize_kernel": 1}, work.report()
@@ -278,7 +278,8 @@ def test_the_previous_fused_path_is_over_budget():
         alpha = alpha_schedule(step, crit.total_steps, crit.alpha_min, crit.power)
         ds, du = logit_adjustments(crit.prior_lb, q, alpha, 1e-9, dtype=torch.float64)
         hp = torch.stack([torch.full((), crit.lambda_u), torch.full((), crit.lambda_d),
-                          (step >= crit.distill_start).float(), temp.float()])
+                          (step >= crit.distill_start).float(), temp.float(),
+                          torch.zeros(())])   # the hparams slots of ops/flexda.py
         out = fused_step("triton", z_l, y, z_w, z_s, ds.float(), du.float(), hp, crit.threshold)
         out.loss.backward()
         update_prior_(q, step, skipped, out.prior_batch, crit.prior_momentum)

@@ -29,7 +29,14 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
         gate = t >= distill_start
         alpha = alpha_schedule(t, total_steps) if flexda else 1.0
         p_l, p_u = (prior_lb.double(), q) if flexda else (uniform, uniform)
-        pb = torch.softmax(z_w.double(), -1).mean(0)
+        pw = torch.softmax(z_w.double(), -1)
+        if kw.get("prior_estimator") == "em":
+            # the posteriors adjusted from the target prior Qa to Q (Saerens et al. 2002):
+            # reweighted per class by (Q + eps) / (Qa + eps), renormalised per row
+            qa = p_u.pow(alpha) / p_u.pow(alpha).sum()
+            pw = pw * ((p_u + 1e-9) / (qa + 1e-9))
+            pw = pw / pw.sum(-1, keepdim=True)
+        pb = pw.mean(0)
         q_next = momentum * q + (1 - momentum) * pb
         if temperature == "imbalance_aware":
             if gate and t_frozen is None:  # frozen from the prior after this step's update
@@ -55,6 +62,9 @@ BACKENDS = [b for b in ak.available_backends() if b != "triton"]
     dict(distill_start=2, temperature="imbalance_aware"),
     dict(flexda=False),
     dict(momentum=0.9, threshold=0.7, lambda_u=2.0, lambda_d=0.5),
+    dict(momentum=0.5, prior_estimator="em"),
+    dict(momentum=0.5, prior_estimator="em", distill_start=2, temperature="imbalance_aware"),
+    dict(momentum=0.5, prior_estimator="em", flexda=False),
 ])
 def test_steps_match_manual_loop(kw, backend):
     kw = dict(kw)
@@ -196,6 +206,8 @@ BAD_CONSTRUCTOR = [
     ("lambda_u", dict(lambda_u=-1.0)),
     ("lambda_d", dict(lambda_d=math.inf)),
     ("backend", dict(backend="fast")),
+    ("prior_estimator", dict(prior_estimator="EM")),
+    ("prior_estimator", dict(prior_estimator=None)),
 ]
 
 
@@ -238,13 +250,15 @@ def test_compile_fullgraph_module_step(backend, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_accumulation_equals_the_whole_batch(backend):
+@pytest.mark.parametrize("prior_estimator", ["raw", "em"])
+def test_gradient_accumulation_equals_the_whole_batch(backend, prior_estimator):
     # K micro-batches with update=False on all but the last must advance alpha, the prior and
     # the step exactly once, from the row-weighted mean of the batch priors: the state of one
     # step on the whole batch; and the micro-batch losses average to the whole batch's.
     k, b, n, c = 4, 3, 5, 9
     prior_lb = torch.softmax(torch.randn(c, generator=torch.Generator().manual_seed(1)), 0)
-    whole = ak.ADELLOLoss(prior_lb, 50, prior_momentum=0.6, backend=backend)
+    whole = ak.ADELLOLoss(prior_lb, 50, prior_momentum=0.6, prior_estimator=prior_estimator,
+                          backend=backend)
     micro = copy.deepcopy(whole)
     for step, args in enumerate(batches(3, k * b, k * n, c, seed=7)):
         z_l = args[0].clone().requires_grad_()

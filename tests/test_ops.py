@@ -21,7 +21,7 @@ def op_args(b=5, n=7, c=9, dtype=torch.float32, temperature=1.5):
     z_l, y, z_w, z_s, p_l, q = make_inputs(b, n, c, dtype=dtype, seed=4)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     ds, du = logit_adjustments(p_l, q, 0.5, dtype=acc)
-    hp = torch.tensor([1.0, 0.5, 1.0, temperature], dtype=acc)
+    hp = torch.tensor([1.0, 0.5, 1.0, temperature, 0.0], dtype=acc)  # slots: ops/flexda.py
     return [z_l, y, z_w, z_s, ds, du, hp, 0.95]
 
 

@@ -207,7 +207,8 @@ def test_low_precision_inputs_accumulate_in_fp32():
 def test_closed_form_reference_runs_in_input_dtype():
     z_l, y, z_w, z_s, p_l, q = make_inputs(3, 4, 5, dtype=torch.float16)
     ds, du = logit_adjustments(p_l, q, 0.5, dtype=torch.float32)
-    out = flexda_fwd_reference(z_l, y, z_w, z_s, ds, du, torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.95)
+    hp = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])  # hparams slots: ops/flexda.py
+    out = flexda_fwd_reference(z_l, y, z_w, z_s, ds, du, hp, 0.95)
     assert out[0].dtype == torch.float32 and out[5].dtype == torch.float16
 
 
@@ -240,3 +241,22 @@ def test_label_outside_the_classes_gives_a_nan_row(label):
     torch.testing.assert_close(terms[1:], torch.stack([out.loss_unsup, out.loss_distill]))
     torch.testing.assert_close(cg_l, g_l, equal_nan=True)
     torch.testing.assert_close(cg_s, g_s)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_em_prior_is_the_raw_posterior_reweighted_to_the_estimate(alpha):
+    """prior_estimator="em": mean_i of softmax(z_w[i]) reweighted per class by
+    (Q + eps) / (Qa + eps) and renormalised per row (Saerens et al. 2002, one EM step), written
+    here from the priors, independently of du; at alpha = 1 (Qa = Q) it is the raw prior."""
+    z_l, y, z_w, z_s, p_l, q = (x.double() if x.is_floating_point() else x
+                                for x in make_inputs(6, 40, 9, seed=5, scale=4.0))
+    raw = flexda_reference(z_l, y, z_w, z_s, p_l, q, alpha).prior_batch
+    em = flexda_reference(z_l, y, z_w, z_s, p_l, q, alpha, prior_estimator="em").prior_batch
+    qa = q.pow(alpha) / q.pow(alpha).sum()
+    w = torch.softmax(z_w, -1) * ((q + 1e-9) / (qa + 1e-9))
+    torch.testing.assert_close(em, (w / w.sum(-1, keepdim=True)).mean(0), rtol=1e-12, atol=1e-14)
+    assert float(em.sum()) == pytest.approx(1.0, abs=1e-12)
+    if alpha == 1.0:
+        torch.testing.assert_close(em, raw, rtol=1e-12, atol=1e-14)
+    else:  # the two estimators differ: the test above could fail
+        assert float((em - raw).abs().max()) > 1e-3

@@ -88,10 +88,13 @@ def _fwd_pointer_types(dtype: torch.dtype, step: bool = False) -> dict[str, str]
 
 
 def _rows_constexprs(cfg, mode: str) -> dict:
-    """mode: 'fwd' (flexda_fwd_triton), 'step' (flexda_step_triton, flexda on), 'step-noflexda'."""
-    adj = {"fwd": ft.ADJ_LOADED, "step": ft.ADJ_PRIORS, "step-noflexda": ft.ADJ_ZERO}[mode]
+    """mode: 'fwd' (flexda_fwd_triton: raw and EM batch prior in one kernel, the estimator read
+    from hparams), 'step' (flexda_step_triton, flexda on), 'step-noflexda', 'step-em' (flexda
+    on, prior_em=True: the PRIOR_EM specialisation)."""
+    adj = {"fwd": ft.ADJ_LOADED, "step": ft.ADJ_PRIORS, "step-noflexda": ft.ADJ_ZERO,
+           "step-em": ft.ADJ_PRIORS}[mode]
     return {"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c,
-            "ADJ": adj.value, "STEP": mode != "fwd"}
+            "ADJ": adj.value, "STEP": mode != "fwd", "PRIOR_EM": mode == "step-em"}
 
 
 def _local_memory_bytes(cubin: bytes, tmp_path) -> int | None:
@@ -119,14 +122,20 @@ def _check_binary(compiled, arch: int) -> None:
 
 
 # The step kernel (the training path) on both architectures; the row op's variant (same row
-# code, ds/du loaded instead of computed) and the flexda=False step on sm_90 only, to bound the
-# CPU time of this file.
+# code, ds/du loaded instead of computed, the batch prior's estimator a runtime branch) and the
+# flexda=False step on sm_90 only, to bound the CPU time of this file; the EM step's
+# specialisation on sm_90 at the bandwidth shape (fp32, bf16), an unaligned row and the column
+# loop (its spill check included where capped).
 FWD_CASES = ([(dtype, cfg, arch, "step") for dtype in ft.LOGITS_DTYPES
               for cfg in ft.all_kernel_configs(dtype) for arch in ARCHS]
              + [(dtype, cfg, 90, "fwd") for dtype in ft.LOGITS_DTYPES
                 for cfg in ft.all_kernel_configs(dtype)]
              + [(torch.float32, ft.kernel_config(c, torch.float32), 90, "step-noflexda")
-                for c in (1000, 20000)])
+                for c in (1000, 20000)]
+             + [(dtype, ft.kernel_config(c, dtype), 90, "step-em")
+                for dtype, c in ((torch.float32, 1000), (torch.bfloat16, 1000),
+                                 (torch.bfloat16, 127), (torch.float32, 20000),
+                                 (torch.float64, 1000))])
 
 
 def _fwd_id(case) -> str:

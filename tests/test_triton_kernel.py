@@ -64,9 +64,15 @@ def make_case(b, n, c, dtype, *, scale=3.0, confident=0.5, seed=0, device="cpu")
             ds.to(**to), du.to(**to))
 
 
-def hparams(lambda_u, lambda_d, gate, temperature, dtype, device="cpu"):
+def hparams(lambda_u, lambda_d, gate, temperature, dtype, device="cpu", prior_em=False):
+    """The op's hparams vector, each value in its named slot (ops/flexda.py)."""
+    from adello_kernels.ops import flexda as ops
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.tensor([lambda_u, lambda_d, gate, temperature], dtype=acc, device=device)
+    hp = torch.zeros(ops.NUM_HPARAMS, dtype=acc)
+    hp[ops.HP_LAMBDA_U], hp[ops.HP_LAMBDA_D] = lambda_u, lambda_d
+    hp[ops.HP_GATE], hp[ops.HP_TEMPERATURE] = gate, temperature
+    hp[ops.HP_PRIOR_EM] = float(bool(prior_em))
+    return hp.to(device)
 
 
 def ambiguous_rows(z_w: torch.Tensor, tau: float) -> torch.Tensor:
@@ -396,11 +402,90 @@ def test_labels_out_of_range_give_nan_rows(ft, monkeypatch, regime):
         assert_close_loss(out[1][k], ref[1][k], torch.float32, f"terms[{k}]")
 
 
+def _set_regime(ft, monkeypatch, regime):
+    """'loop': the column_loop fixture's small blocks (C = 300 -> three 128-column blocks);
+    'fused' and 'native' (fp64's own loop, C > 4096's real blocks): the launcher's defaults."""
+    if regime == "loop":
+        monkeypatch.setattr(ft, "MAX_FUSED_BLOCK_C", 128)
+        monkeypatch.setattr(ft, "LOOP_BLOCK_C", 128)
+
+
+def _assert_only_prior_differs(em, raw, what, min_diff=1e-4):
+    """The estimator changes prior_batch only: every other output bitwise equal, and the two
+    priors apart by more than the contract's 1e-6 (the case tells em from raw)."""
+    k_prior = len(em) - 3       # prior_batch: 4 of the fwd's 7 outputs, 6 of the step's 9
+    for k, (x, y) in enumerate(zip(em, raw)):
+        if k != k_prior:
+            assert torch.equal(x, y), f"{what}: output {k} depends on the estimator"
+    diff = (em[k_prior].double() - raw[k_prior].double()).abs().max().item()
+    assert diff > min_diff, f"{what}: em and raw priors only {diff:.3g} apart"
+
+
+# (B, N, C, dtype, T, regime): the packed-row regime (C = 100: 16 rows a tile; C = 1000: 2 rows),
+# the column loop at small C (three blocks, the last partial), fp64's own column loop (512-column
+# blocks: C = 700 gives two), and the real large-C configuration (C = 4097: 2048-column blocks,
+# the last holding one column). The contract's Triton cases (C <= 600, em never with fp64) reach
+# only the first regime with em.
+EM_CASES = [
+    (37, 45, 100, torch.float32, 1.0, "fused"),
+    (21, 34, 127, torch.bfloat16, 2.0, "fused"),
+    (5, 7, 1000, torch.float16, 0.5, "fused"),
+    (11, 13, 300, torch.float32, 2.0, "loop"),
+    (9, 10, 257, torch.bfloat16, 1.0, "loop"),
+    (13, 15, 700, torch.float64, 1.5, "native"),
+    (3, 6, 4097, torch.float32, 1.0, "native"),
+]
+
+
+def _em_id(case):
+    b, n, c, dtype, t, regime = case
+    return f"B{b}-N{n}-C{c}-{FLOAT_IDS[dtype]}-T{t}-{regime}"
+
+
+@interp
+@pytest.mark.parametrize("case", EM_CASES, ids=_em_id)
+def test_prior_em_matches_reference(ft, monkeypatch, case):
+    """hparams[HP_PRIOR_EM] = 1 (read on the device): prior_batch = mean_i softmax(z_w + du), the
+    reference's, from the weak exps of the row pass (the column loop sums e_w r in its first
+    pass); the other six outputs bitwise those of raw mode."""
+    b, n, c, dtype, t, regime = case
+    _set_regime(ft, monkeypatch, regime)
+    assert ft.kernel_config(c, dtype).loop_c == (regime != "fused")
+    args = make_case(b, n, c, dtype, seed=c + 1)
+    hp_em = hparams(1.1, 0.8, 1.0, t, dtype, prior_em=True)
+    out = run_op(args, hp_em, 0.9)
+    assert_matches(out, reference(args, hp_em, 0.9), args, 0.9, dtype, both_masks=False)
+    raw = run_op(args, hparams(1.1, 0.8, 1.0, t, dtype), 0.9)
+    _assert_only_prior_differs(out, raw, "fwd")
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_prior_em_non_finite_weak_row_gives_nan_prior(ft, monkeypatch, regime):
+    """EM mode: a NaN or +inf weak logit makes that row's pe NaN in every column, so prior_batch
+    is NaN everywhere (as raw mode and the reference give); the finite rows' other outputs are
+    unaffected."""
+    _set_regime(ft, monkeypatch, regime)
+    c = 300 if regime == "loop" else 100
+    for bad in (float("nan"), float("inf")):
+        args = list(make_case(6, 8, c, torch.float32, seed=5))
+        args[2] = args[2].clone()
+        args[2][3, 7] = bad
+        out = run_op(tuple(args), hparams(1.0, 1.0, 1.0, 2.0, torch.float32, prior_em=True), 0.9)
+        raw = run_op(tuple(args), hparams(1.0, 1.0, 1.0, 2.0, torch.float32), 0.9)
+        ref = reference(tuple(args), hparams(1.0, 1.0, 1.0, 2.0, torch.float64, prior_em=True),
+                        0.9)
+        assert torch.isnan(out[4]).all() and torch.isnan(raw[4]).all()
+        assert torch.isnan(ref[4]).all()
+        keep = torch.arange(8) != 3
+        assert torch.equal(out[2][keep], raw[2][keep]) and torch.equal(out[3][keep], raw[3][keep])
+
+
 # ---- adello::flexda_step_triton: the whole training step -----------------------------------
 
 STEP_KW = dict(total_steps=10, alpha_min=0.1, power=2.0, distill_start=2, lambda_u=1.3,
                lambda_d=0.7, eps=1e-9, flexda=True, threshold=0.9, prior_momentum=0.9,
-               update=True)
+               update=True, prior_em=False)
 
 
 def _step_state(c, seed, t=0):
@@ -409,14 +494,17 @@ def _step_state(c, seed, t=0):
 
 
 def run_step(ft, args, p_l, state, temperature, fn=None, **over):
-    """One call of flexda_step_triton (or `fn`, same arguments) on the state tuple (q, t, k)."""
+    """One call of flexda_step_triton (or `fn`, same arguments) on the state tuple (q, t, k).
+    prior_em, the schema's one defaulted argument, is passed only when it is on (the raw calls
+    go through the default)."""
     kw = {**STEP_KW, **over}
     z_l, y, z_w, z_s = args
     q, t, k = state
     fn = fn or ft.flexda_step_triton
+    tail = (kw["prior_em"],) if kw["prior_em"] else ()
     return fn(z_l, y, z_w, z_s, p_l, q, t, k, temperature, kw["total_steps"], kw["alpha_min"],
               kw["power"], kw["distill_start"], kw["lambda_u"], kw["lambda_d"], kw["eps"],
-              kw["flexda"], kw["threshold"], kw["prior_momentum"], kw["update"])
+              kw["flexda"], kw["threshold"], kw["prior_momentum"], kw["update"], *tail)
 
 
 def step_reference(args, p_l, q, t, temperature, **over):
@@ -434,8 +522,8 @@ def step_reference(args, p_l, q, t, temperature, **over):
     else:
         ds = du = torch.zeros(c, dtype=torch.float64)
     gate = float(int(t) >= kw["distill_start"])
-    hp = torch.tensor([kw["lambda_u"], kw["lambda_d"], gate, float(temperature)],
-                      dtype=torch.float64)
+    hp = hparams(kw["lambda_u"], kw["lambda_d"], gate, float(temperature), torch.float64,
+                 prior_em=kw["prior_em"])
     ref = flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds, du, hp,
                                kw["threshold"])
     q_new, ok = momentum_update(q, ref[4].float(), kw["prior_momentum"])
@@ -528,6 +616,61 @@ def test_step_flexda_off_uses_zero_adjustments(ft):
 
 
 @interp
+@pytest.mark.parametrize("case", EM_CASES, ids=_em_id)
+def test_step_prior_em_matches_reference(ft, monkeypatch, case):
+    """prior_em=True (the PRIOR_EM specialisation of the row kernel) from a state at t = 5, where
+    alpha_t < 1 makes du far from 0: the outputs against the float64 reference with the EM
+    batch prior, Q updated with that prior, and every output but prior_batch bitwise the raw
+    step's from the same state."""
+    b, n, c, dtype, t, regime = case
+    _set_regime(ft, monkeypatch, regime)
+    assert ft.kernel_config(c, dtype).loop_c == (regime != "fused")
+    p_l, _ = _priors(c, c + 2)
+    state = _step_state(c, c + 3, t=5)
+    raw_state = tuple(x.clone() for x in state)
+    z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=c + 4)
+    args = (z_l, y, z_w, z_s)
+    ref, q_next, ok = step_reference(args, p_l, state[0].clone(), 5, t, prior_em=True)
+    out = run_step(ft, args, p_l, state, torch.tensor(t), prior_em=True)
+    assert_step_matches(out, ref, args, STEP_KW["threshold"], dtype, "em step")
+    assert ok and int(state[1]) == 6 and int(state[2]) == 0
+    err = (state[0].double() - q_next.double()).abs().max().item()
+    assert err <= 1e-6, f"prior_ulb off by {err:.3g}"
+    raw = run_step(ft, args, p_l, raw_state, torch.tensor(t))
+    _assert_only_prior_differs(out, raw, "step", min_diff=1e-5)
+    assert not torch.equal(state[0], raw_state[0])
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_step_prior_em_trajectory(ft, monkeypatch, regime):
+    """Four EM steps on one mutating state (alpha falling fast: total_steps = 4) against the
+    reference run alongside it: the EM prior feeds Q, which feeds the next step's du."""
+    _set_regime(ft, monkeypatch, regime)
+    c = 300 if regime == "loop" else 100
+    _trajectory(ft, 11, 13, c, torch.float32, 2.0, steps=4, seed=c + 5, prior_em=True,
+                total_steps=4)
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_step_prior_em_without_flexda_is_raw(ft, monkeypatch, regime):
+    """flexda off: du = 0, r = exp(0) = 1 and e_w * 1 = e_w exactly, so the EM step gives the raw
+    step's outputs and state bit for bit."""
+    _set_regime(ft, monkeypatch, regime)
+    c = 300 if regime == "loop" else 100
+    p_l, _ = _priors(c, 1)
+    z_l, y, z_w, z_s, _, _ = make_case(9, 12, c, torch.float32, seed=c + 6)
+    s_em = _step_state(c, 2, t=5)
+    s_raw = tuple(x.clone() for x in s_em)
+    em = run_step(ft, (z_l, y, z_w, z_s), p_l, s_em, torch.tensor(1.5), flexda=False,
+                  prior_em=True)
+    raw = run_step(ft, (z_l, y, z_w, z_s), p_l, s_raw, torch.tensor(1.5), flexda=False)
+    for x, y_ in zip(em + s_em, raw + s_raw):
+        assert torch.equal(x, y_)
+
+
+@interp
 def test_step_without_update_leaves_the_state(ft):
     """update=False: same outputs as update=True from the same state, and prior_ulb, step and
     skipped_updates bitwise untouched (the all-reduced path updates them itself)."""
@@ -549,13 +692,13 @@ def test_step_without_update_leaves_the_state(ft):
 
 
 @interp
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
 @pytest.mark.parametrize("regime", ["fused", "loop"])
-def test_step_non_finite_weak_logits_skip_the_update(ft, monkeypatch, regime):
-    """A NaN (or inf) weak logit makes prior_batch non-finite: Q stays bitwise as it was,
-    skipped_updates += 1, step still advances; the next finite step updates again."""
-    if regime == "loop":
-        monkeypatch.setattr(ft, "MAX_FUSED_BLOCK_C", 128)
-        monkeypatch.setattr(ft, "LOOP_BLOCK_C", 128)
+def test_step_non_finite_weak_logits_skip_the_update(ft, monkeypatch, regime, prior_em):
+    """A NaN (or inf) weak logit makes prior_batch non-finite (raw or EM estimator): Q stays
+    bitwise as it was, skipped_updates += 1, step still advances; the next finite step updates
+    again."""
+    _set_regime(ft, monkeypatch, regime)
     c = 300 if regime == "loop" else 100
     p_l, _ = _priors(c, 6)
     state = _step_state(c, 7, t=5)
@@ -565,14 +708,15 @@ def test_step_non_finite_weak_logits_skip_the_update(ft, monkeypatch, regime):
         z_w = z_w.clone()
         z_w[3, 7] = bad
         q_before = state[0].clone()
-        out = run_step(ft, (z_l, y, z_w, z_s), p_l, state, temp)
+        out = run_step(ft, (z_l, y, z_w, z_s), p_l, state, temp, prior_em=prior_em)
         assert not torch.isfinite(out[6]).all()
         assert torch.equal(state[0], q_before), "non-finite batch prior must not update Q"
         assert int(state[2]) == k + 1 and int(state[1]) == 6 + k
     z_l, y, z_w, z_s, _, _ = make_case(8, 10, c, torch.float32, seed=49)
     q_before = state[0].clone()
-    ref, q_next, ok = step_reference((z_l, y, z_w, z_s), p_l, q_before, int(state[1]), 1.0)
-    run_step(ft, (z_l, y, z_w, z_s), p_l, state, temp)
+    ref, q_next, ok = step_reference((z_l, y, z_w, z_s), p_l, q_before, int(state[1]), 1.0,
+                                     prior_em=prior_em)
+    run_step(ft, (z_l, y, z_w, z_s), p_l, state, temp, prior_em=prior_em)
     assert ok and int(state[2]) == 2 and int(state[1]) == 8
     assert (state[0] - q_next).abs().max() <= 1e-7
 
@@ -735,10 +879,12 @@ def test_step_rejects_bad_state(ft):
 
 
 @interp
-@pytest.mark.parametrize("update", [False, True])
-def test_step_opcheck(ft, update):
+@pytest.mark.parametrize("update, prior_em", [(False, None), (True, None), (True, True)],
+                         ids=["noupdate", "update", "update-em"])
+def test_step_opcheck(ft, update, prior_em):
     """The schema's mutation annotations (prior_ulb, step, skipped_updates written only when
-    `update`) and the fake agree with what the kernel does."""
+    `update`) and the fake agree with what the kernel does; prior_em left to its default, or
+    given."""
     p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
     q, t, k = _step_state(20, 19)
     kw = STEP_KW
@@ -746,7 +892,7 @@ def test_step_opcheck(ft, update):
             p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t, k, torch.tensor(1.5),
             kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
             kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
-            kw["prior_momentum"], update)
+            kw["prior_momentum"], update) + ((prior_em,) if prior_em is not None else ())
     torch.library.opcheck(torch.ops.adello.flexda_step_triton, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -943,6 +1089,37 @@ def test_gpu_step_trajectory_matches_reference(case):
     from adello_kernels.ops import flexda_triton as ft
     b, n, c, dtype, temperature = case
     _trajectory(ft, b, n, c, dtype, temperature, steps=3, seed=c, device="cuda")
+
+
+GPU_EM_SHAPES = [
+    (4096, 8192, 1000, torch.float32, 2.0),    # the bandwidth configuration
+    (1024, 2048, 127, torch.bfloat16, 1.0),    # unaligned rows
+    (512, 1024, 8192, torch.bfloat16, 1.5),    # column loop
+    (100, 200, 3000, torch.float64, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", GPU_EM_SHAPES, ids=_step_id)
+@pytest.mark.gpu
+def test_gpu_prior_em_matches_reference(case):
+    """The EM batch prior on CUDA: flexda_fwd_triton with hparams[HP_PRIOR_EM] = 1 (the runtime
+    branch of the one fwd kernel) against the reference, and flexda_step_triton with
+    prior_em=True (its PRIOR_EM specialisation) over three steps of a mutating state."""
+    if INTERPRETED or not torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("needs CUDA and compiled (not interpreted) Triton kernels")
+    import adello_kernels  # noqa: F401
+    from adello_kernels.ops import flexda_triton as ft
+    b, n, c, dtype, temperature = case
+    args = make_case(b, n, c, dtype, seed=c + 1, device="cuda")
+    hp = hparams(1.0, 1.0, 1.0, temperature, dtype, device="cuda", prior_em=True)
+    out, ref = run_op(args, hp, 0.9), reference(args, hp, 0.9)
+    assert (out[4].double().cpu() - ref[4].cpu()).abs().max().item() <= 1e-6
+    raw = run_op(args, hparams(1.0, 1.0, 1.0, temperature, dtype, device="cuda"), 0.9)
+    assert (out[4] - raw[4]).abs().max().item() > 1e-4, "em and raw priors should differ"
+    for k in (2, 3):
+        assert torch.equal(out[k], raw[k])
+    _trajectory(ft, b, n, c, dtype, temperature, steps=3, seed=c, device="cuda", prior_em=True,
+                total_steps=4)
 
 
 def _gpu_step_inputs(b=256, n=512, c=127, dtype=torch.bfloat16, seed=0):

@@ -9,19 +9,26 @@ Schema (shared by every fused backend; docs/contract.md, Op schemas):
                Tensor logits_ulb_s,   [N, C] same dtype as logits_lb
                Tensor adj_lb,         [C]    acc dtype: ds, added to logits_lb
                Tensor adj_ulb,        [C]    acc dtype: du, added to logits_ulb_s
-               Tensor hparams,        [4]    acc dtype: (lambda_u, lambda_d, distill_gate, T)
+               Tensor hparams,        [5]    acc dtype: (lambda_u, lambda_d, distill_gate, T,
+                                             prior_em)
                float threshold)
       -> (Tensor loss,                0-d    acc: L_s + lambda_u L_u + [gate] lambda_d L_d
           Tensor terms,               [3]    acc: (L_s, L_u, [gate] L_d), unweighted
           Tensor mask,                [N]    acc: 0/1
           Tensor pseudo_labels,       [N]    int64
-          Tensor prior_batch,         [C]    acc: mean_i softmax(logits_ulb_w[i])
+          Tensor prior_batch,         [C]    acc: mean_i softmax(logits_ulb_w[i]); with
+                                             prior_em != 0: mean_i softmax(logits_ulb_w[i] + du)
           Tensor grad_lb,             [B, C] logits dtype: dloss/dlogits_lb
           Tensor grad_ulb_s)          [N, C] logits dtype: dloss/dlogits_ulb_s
 
 acc dtype is fp64 for fp64 logits, fp32 otherwise. hparams lives on the logits' device so that a
 step-dependent gate or a frozen temperature never needs a host sync. When distill_gate == 0 the
 distillation term is skipped (terms[2] = 0 and it adds nothing to the gradient).
+
+prior_em selects the batch prior the running estimate is updated with (docs/method.md, Prior
+estimator): 0 the raw weak-view softmax (the released method), else the posteriors adjusted to
+the current estimate (one EM step of Saerens et al. 2002), softmax(z_w + du), which every kernel
+forms from the weak row's exps it already has: pw_c r_c / sum_c pw_c r_c with r_c = exp(du_c).
 
 Because every normaliser (1/B, 1/N) is static, the forward writes the gradients of `loss`, and the
 backward only scales them by the incoming grad (docs/method.md, Gradients). The other outputs are
@@ -45,10 +52,10 @@ OP_NAMES = ("flexda_fwd", "flexda_fwd_triton")
 
 # The slots of `hparams`, named once for every backend (the C++/CUDA kernels read the same layout
 # from csrc/adello_hparams.h; tests/test_ops.py checks that the two agree).
-HP_LAMBDA_U, HP_LAMBDA_D, HP_GATE, HP_TEMPERATURE = 0, 1, 2, 3
-NUM_HPARAMS = 4
+HP_LAMBDA_U, HP_LAMBDA_D, HP_GATE, HP_TEMPERATURE, HP_PRIOR_EM = 0, 1, 2, 3, 4
+NUM_HPARAMS = 5
 HPARAM_SLOTS = {"lambda_u": HP_LAMBDA_U, "lambda_d": HP_LAMBDA_D, "gate": HP_GATE,
-                "temperature": HP_TEMPERATURE}
+                "temperature": HP_TEMPERATURE, "prior_em": HP_PRIOR_EM}
 
 _lib = torch.library.Library("adello", "DEF")  # kept alive for the process
 for _name in OP_NAMES:
@@ -90,7 +97,7 @@ def _scale(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 
 
 def _input_grads(ctx, grad_loss, need_lb: bool, need_s: bool):
-    # z_w and the [C]/[4] vectors get no gradient (stop-gradient / no dependence).
+    # z_w and the [C]/[NUM_HPARAMS] vectors get no gradient (stop-gradient / no dependence).
     if grad_loss is None:
         return (None,) * 8
     # The saved gradients are values, not functions of the logits: a graph of this backward

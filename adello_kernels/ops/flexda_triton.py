@@ -18,7 +18,8 @@ sync, no data-dependent shape (CUDA-graph capturable), bitwise reproducible run 
      (and the mask and pseudo-labels of unlabeled rows) and adds the tile's losses and the column
      sums of softmax(z_w) to its own partials, kept in registers and stored once at the end:
          loss_part  [P, 4]  (sum_b CE_s, sum_i M CE_u, sum_i (1-M) H, sum of the prior partial)
-         prior_part [P, C]  sum of softmax(z_w) over the program's weak rows
+         prior_part [P, C]  sum over the program's weak rows of their batch-prior rows: softmax(z_w)
+                            (raw), or softmax(z_w + du) with the EM estimator (see below)
      Why every program recomputes the prologue: it is O(C) (one pow and three logs per class), a
      few microseconds of float64 work spread over all SMs, against O((B + N) C / P) row work per
      program; a separate prologue launch would cost more than that, and sharing one result
@@ -36,7 +37,7 @@ sync, no data-dependent shape (CUDA-graph capturable), bitwise reproducible run 
      program 0 the step and skip counters, so no two programs write the same word and no
      program reads a word another one writes. ok is the same decision in every program: the
      fourth loss slot sums each program's whole prior partial, which is finite exactly when all
-     of prior_batch is (every term is a probability or NaN: no overflow, no inf - inf).
+     of prior_batch is (every term is a probability or NaN, raw or EM: no overflow, no inf - inf).
   3. The backward: `_scale_kernel` multiplies both saved gradients in place by the incoming
      grad, which it reads on the device; it returns at once when that grad is exactly 1 (the
      usual loss.backward()).
@@ -44,6 +45,22 @@ Partials instead of float atomics: the reduction order never depends on scheduli
 
 `adello::flexda_fwd_triton` is launches 1 and 2 without the prologue and the epilogue: ds, du
 and the hyperparameters come in as tensors (hparams slots named in ops/flexda.py).
+
+The batch prior (docs/method.md, Prior estimator). raw: the weak softmax pw = e_w / s_w,
+e_w = exp(z_w - max z_w), s_w = sum_c e_w. EM (one Saerens et al. step per batch): the weak
+posteriors moved from the prior the logits are pulled to (Qa) to the current estimate Q,
+    pe = softmax(z_w + du),  du = log(Q + eps) - log(Qa + eps) (the strong view's adjustment),
+which needs no exp pass of its own: exp(z_w + du - max z_w) = e_w r with r = exp(du), so
+    pe_c = e_w,c r_c / sum_c e_w,c r_c.
+The row code multiplies the weak exps it already has by r (r formed from du in registers, C exps
+per tile shared by its rows); the column loop sums e_w r in pass 1 beside s_w (same exps, same
+rescaling as the max moves) and forms pe from pass 2's exps. The max of z_w still bounds the
+exponent (r <= (1 + eps) / eps), and sum_c e_w r >= r at the argmax > 0. A NaN/inf weak row
+gives NaN e_w, hence a NaN pe in every column: the same NaN prior as raw. With flexda off
+du = 0, r = 1 and e_w r = e_w exactly, so pe = pw bit for bit. The switch: hparams[HP_PRIOR_EM]
+!= 0, read on the device in flexda_fwd_triton (a uniform branch), or the constexpr PRIOR_EM in
+flexda_step_triton (its `prior_em` is a host bool); raw mode computes what it did before, bit
+for bit.
 
 Two regimes, chosen on the host from C (`kernel_config`):
   * C <= MAX_FUSED_BLOCK_C: a tile is [ROWS, next_pow2(C)] in registers, small rows packed several
@@ -99,6 +116,7 @@ HP_LAMBDA_U = tl.constexpr(_flexda.HP_LAMBDA_U)
 HP_LAMBDA_D = tl.constexpr(_flexda.HP_LAMBDA_D)
 HP_GATE = tl.constexpr(_flexda.HP_GATE)
 HP_TEMPERATURE = tl.constexpr(_flexda.HP_TEMPERATURE)
+HP_PRIOR_EM = tl.constexpr(_flexda.HP_PRIOR_EM)
 
 # How the row kernel gets the logit adjustments (constexpr ADJ).
 ADJ_LOADED = tl.constexpr(0)    # flexda_fwd_triton: ds, du are input tensors
@@ -229,15 +247,23 @@ def _sup_tile(x_raw, y, glb_ptr, ds, rows, cols, B, C, ACC: tl.constexpr):
 
 @triton.jit
 def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, thr,
-                lam_u, lam_d, gate_on, t, ACC: tl.constexpr):
+                lam_u, lam_d, gate_on, t, em, ACC: tl.constexpr):
     """Unlabeled rows `rows`, loaded as w_raw (weak) and s_raw (strong): the weak and strong row of
     each sample together, whole rows in registers.
 
-    Returns (sum over the rows of softmax(z_w) [BLOCK_C], M * CE_u [ROWS], (1-M) * H [ROWS]).
+    Returns (the rows' batch-prior sum [BLOCK_C], M * CE_u [ROWS], (1-M) * H [ROWS]).
 
     Weak view (raw logits):  pw = e_w / s_w, e_w = exp(z_w - m_w);  max_c pw = exp(0) / s_w = 1/s_w,
       M = [1/s_w >= tau] (inclusive, in the acc dtype);  yhat = first index of max z_w (softmax is
       monotonic, so it is also the first argmax of pw).
+    Batch prior (`em`: a uniform runtime branch, or a constexpr in the step op):
+      raw  sum over the rows of pw;
+      em   sum over the rows of pe = softmax(z_w + du), from the weak exps already there:
+           exp(z_w + du - m_w) = e_w r with r = exp(du), so pe_c = e_w,c r_c / sum_c e_w,c r_c
+           (m_w cancels; sum_c e_w r >= r[argmax] > 0 for du from the priors, |du| <=
+           log((1 + eps) / eps)). r is formed per tile from du in registers: C exps shared by
+           the tile's ROWS rows, cheaper than keeping a second [BLOCK_C] live across tiles.
+           A NaN/inf weak row has NaN e_w, so its pe is NaN in every column, as pw is.
     Strong view:  a = z_s + du;  CE_u = log(s_a) + (m_a - a[yhat]).
     Distillation (only when gate != 0; with gate == 0 it is skipped, never multiplied by 0):
       q = softmax(z_w / T), p_T = softmax(a / T); with m'_a = m_a / T (T > 0 keeps the argmax),
@@ -258,7 +284,12 @@ def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, 
     inv_sw = 1.0 / tl.sum(e_w, 1)
     msk = tl.where(rmask & (inv_sw >= thr), 1.0, 0.0).to(ACC)
     pw = e_w * inv_sw[:, None]
-    prior = tl.sum(tl.where(rmask[:, None], pw, 0.0), 0)
+    if em:
+        er = e_w * tl.exp(du)[None, :]
+        pe = er * (1.0 / tl.sum(er, 1))[:, None]
+        prior = tl.sum(tl.where(rmask[:, None], pe, 0.0), 0)
+    else:
+        prior = tl.sum(tl.where(rmask[:, None], pw, 0.0), 0)
 
     a = tl.where(cmask[None, :], s_raw.to(ACC) + du[None, :], float("-inf"))
     m_a = tl.max(a, 1)
@@ -345,19 +376,29 @@ def _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, adj_ptr, pl_ptr, q_ptr, alpha, inv_
 @triton.jit
 def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_ptr, alpha, inv_z,
                        eps, prior_row_ptr, rows, cols0, N, C, thr, lam_u, lam_d, gate_on, t,
-                       ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ADJ: tl.constexpr,
-                       ACC: tl.constexpr):
+                       em, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ADJ: tl.constexpr,
+                       LATE_STRONG: tl.constexpr, ACC: tl.constexpr):
     """Unlabeled rows for large C, column blocks of BLOCK_C. Same math as `_unsup_tile`.
 
     Pass 1 (online, see `_sup_tile_looped`): weak max m_w, sum s_w and first argmax (a block's
     argmax replaces the running one only when its max is strictly larger: first index on ties);
     strong max m_a and sum s_a; and, only when the distillation is on with T != 1, the sums of
     exp((z_w - m_w)/T) and exp((a - m_a)/T) (rescaled by exp((m - m')/T) as the max moves).
-    Pass 2: pw, M, the prior partial row, a[yhat], sum_c q_c (m_a - a_c) and the gradient.
+    With `em` (the EM batch prior, see `_unsup_tile`) the same pass also sums
+    s_e = sum_c exp(z_w,c - m_w) r_c, r = exp(du) of the block (the d it adds to the strong
+    view): the block's weak exps are the ones s_w sums, and s_e is rescaled by the same
+    exp(m_w - m_w') as the max moves; r costs BLOCK_C exps per block, shared by the tile's rows.
+    Pass 2: pw, M, the prior partial row (pw, or with `em` pe = exp(z_w - m_w) r / s_e, the
+    block's exps shared with pw), a[yhat], sum_c q_c (m_a - a_c) and the gradient.
+    LATE_STRONG (the step's EM specialisation): pass 2 loads the strong block after the prior
+    partial's update instead of with the weak block. A 16-warp program has at most 128 registers
+    a thread; the float64 adjustments, the EM prior's tile and a strong block in flight across
+    the barrier exceed them (32 bytes of spill, sm_90, fp32), the later load does not. Raw mode
+    and flexda_fwd_triton (adjustments loaded) keep the early load: their code is unchanged.
     The program's prior partial row lives in global memory (C is too large for registers): it is
     read-modified-written by this program only, after a barrier so that no thread of the program
     reads an element before the thread that wrote it last has finished.
-    Returns (M * CE_u [ROWS], (1-M) * H [ROWS], the tile's sum of softmax(z_w) (a scalar)).
+    Returns (M * CE_u [ROWS], (1-M) * H [ROWS], the tile's sum of its prior rows (a scalar)).
     """
     rmask = rows < N
     row_off = rows.to(tl.int64) * C
@@ -365,6 +406,7 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
     inv_t = 1.0 / t
     m_w = tl.full([ROWS], float("-inf"), ACC)
     s_w = tl.zeros([ROWS], ACC)
+    s_e = tl.zeros([ROWS], ACC)
     s_q = tl.zeros([ROWS], ACC)
     yhat = tl.zeros([ROWS], tl.int32)
     m_a = tl.full([ROWS], float("-inf"), ACC)
@@ -386,7 +428,11 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
         mw_sub = tl.where(mw_new == float("-inf"), 0.0, mw_new)
         ma_new = tl.maximum(m_a, tl.max(a, 1))
         ma_sub = tl.where(ma_new == float("-inf"), 0.0, ma_new)
-        s_w = s_w * tl.exp(m_w - mw_sub) + tl.sum(tl.exp(w - mw_sub[:, None]), 1)
+        rescale_w = tl.exp(m_w - mw_sub)
+        e_w = tl.exp(w - mw_sub[:, None])
+        s_w = s_w * rescale_w + tl.sum(e_w, 1)
+        if em:
+            s_e = s_e * rescale_w + tl.sum(e_w * tl.exp(d)[None, :], 1)
         s_a = s_a * tl.exp(m_a - ma_sub) + tl.sum(tl.exp(a - ma_sub[:, None]), 1)
         if need_t:
             s_q = s_q * tl.exp((m_w - mw_sub) * inv_t) + tl.sum(
@@ -397,6 +443,7 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
         m_a = ma_new
 
     inv_sw = 1.0 / s_w
+    inv_se = 1.0 / s_e
     inv_sa = 1.0 / s_a
     inv_sq = 1.0 / s_q
     inv_st = 1.0 / s_t
@@ -413,14 +460,25 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
         zero = tl.zeros([BLOCK_C], ACC)
         w = _load_block(zw_ptr, offs, m2, cmask, zero, ACC)
         d = _adj_block(adj_ptr, q_ptr, q_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
-        a = _load_block(zs_ptr, offs, m2, cmask, d, ACC)
+        if not LATE_STRONG:
+            a = _load_block(zs_ptr, offs, m2, cmask, d, ACC)
 
-        pw = tl.where(rmask[:, None], tl.exp(w - m_w[:, None]) * inv_sw[:, None], 0.0)
-        psum += tl.sum(pw, 1)
+        e_w = tl.exp(w - m_w[:, None])
+        pw = tl.where(rmask[:, None], e_w * inv_sw[:, None], 0.0)
+        if em:
+            pe = tl.where(rmask[:, None], (e_w * tl.exp(d)[None, :]) * inv_se[:, None], 0.0)
+            prior_rows = tl.sum(pe, 1)
+            prior_cols = tl.sum(pe, 0)
+        else:
+            prior_rows = tl.sum(pw, 1)
+            prior_cols = tl.sum(pw, 0)
+        psum += prior_rows
         tl.debug_barrier()
         part = tl.load(prior_row_ptr + cols, mask=cmask, other=0.0)
-        tl.store(prior_row_ptr + cols, part + tl.sum(pw, 0), mask=cmask)
+        tl.store(prior_row_ptr + cols, part + prior_cols, mask=cmask)
 
+        if LATE_STRONG:
+            a = _load_block(zs_ptr, offs, m2, cmask, d, ACC)
         pa = tl.exp(a - m_a[:, None]) * inv_sa[:, None]
         onehot = cols[None, :] == yhat[:, None]
         a_y += tl.sum(tl.where(onehot, a, 0.0), 1)
@@ -456,14 +514,17 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
                  B, N, row_bytes, thr_bits, total_steps, alpha_min_bits, power_bits,
                  distill_start, lam_u_bits, lam_d_bits, eps_bits,
                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOOP_C: tl.constexpr,
-                 ADJ: tl.constexpr, STEP: tl.constexpr):
+                 ADJ: tl.constexpr, STEP: tl.constexpr, PRIOR_EM: tl.constexpr):
     """One persistent program: the prologue, labeled tiles pid, pid+P, ... then the unlabeled
     tiles that continue the same round robin (global tile index TL + u); finally its partials.
 
     STEP = False (flexda_fwd_triton): adj_l_ptr, adj_u_ptr are ds, du; hp_ptr the hparams
-    vector; step_ptr and the scalar arguments after thr_bits are unused.
+    vector; step_ptr and the scalar arguments after thr_bits are unused; the batch prior's
+    estimator is hparams[HP_PRIOR_EM] != 0, read on the device (a uniform branch; PRIOR_EM is
+    unused and passed False, so raw and em share one compiled kernel).
     STEP = True (flexda_step_triton): adj_l_ptr, adj_u_ptr are P_L, Q; hp_ptr the temperature;
-    step_ptr the step counter; the floats come as float64 bits.
+    step_ptr the step counter; the floats come as float64 bits; PRIOR_EM is the op's `prior_em`
+    (a host bool, so a constexpr: the raw step compiles to the kernel it was before).
     """
     ACC: tl.constexpr = loss_part_ptr.dtype.element_ty   # fp32, or fp64 for fp64 logits
     pid = tl.program_id(0)
@@ -482,11 +543,13 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
         t = tl.load(hp_ptr).to(tl.float64).to(ACC)
         alpha = _alpha(step_ptr, total_steps, _f64(alpha_min_bits), _f64(power_bits))
         eps = _f64(eps_bits)
+        em = PRIOR_EM
     else:
         lam_u = tl.load(hp_ptr + HP_LAMBDA_U).to(ACC)
         lam_d = tl.load(hp_ptr + HP_LAMBDA_D).to(ACC)
         gate_on = tl.load(hp_ptr + HP_GATE) != 0
         t = tl.load(hp_ptr + HP_TEMPERATURE).to(ACC)
+        em = tl.load(hp_ptr + HP_PRIOR_EM) != 0
         alpha = 1.0
         eps = 0.0
 
@@ -516,7 +579,8 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
             lu, ld, ps = _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_u_ptr,
                                             adj_u_ptr, alpha, inv_z, eps, prior_row_ptr,
                                             tile * ROWS + r, cols, N, C, thr, lam_u, lam_d,
-                                            gate_on, t, ROWS, BLOCK_C, ADJ, ACC)
+                                            gate_on, t, em, ROWS, BLOCK_C, ADJ,
+                                            STEP and PRIOR_EM, ACC)
             lu_acc += lu
             ld_acc += ld
             psum += ps
@@ -554,7 +618,7 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
             w_nxt = _load_tile(zw_ptr, nxt, cols, N, C)
             s_nxt = _load_tile(zs_ptr, nxt, cols, N, C)
             p, lu, ld = _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N,
-                                    C, thr, lam_u, lam_d, gate_on, t, ACC)
+                                    C, thr, lam_u, lam_d, gate_on, t, em, ACC)
             w_raw = w_nxt
             s_raw = s_nxt
             prior_acc += p
@@ -805,10 +869,12 @@ def _programs_per_sm(kernel, key, args, meta, device: torch.device) -> int:
     return found
 
 
-def rows_kernel_resources(num_classes: int, dtype: torch.dtype, device="cuda") -> dict:
+def rows_kernel_resources(num_classes: int, dtype: torch.dtype, device="cuda",
+                          prior_em: bool = False) -> dict:
     """What ptxas made of the step's row kernel for C = num_classes and `dtype` on `device`
-    (compiled, not launched): registers, spills, shared memory, and the programs per SM and
-    grid the launcher derives from them. For the GPU check's report; needs a GPU."""
+    (compiled, not launched; the EM batch prior's specialisation with `prior_em`): registers,
+    spills, shared memory, and the programs per SM and grid the launcher derives from them.
+    For the GPU check's report; needs a GPU."""
     device = torch.device(device)
     cfg = kernel_config(num_classes, dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -817,7 +883,7 @@ def rows_kernel_resources(num_classes: int, dtype: torch.dtype, device="cuda") -
     f32 = dict(device=device, dtype=torch.float32)
     prior = torch.empty(num_classes, **f32)
     meta = dict(ROWS=cfg.rows, BLOCK_C=cfg.block_c, LOOP_C=cfg.loop_c, ADJ=ADJ_PRIORS.value,
-                STEP=True, num_warps=cfg.num_warps,
+                STEP=True, PRIOR_EM=bool(prior_em), num_warps=cfg.num_warps,
                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     args = (z, torch.empty(rows, device=device, dtype=torch.int64), z, z, prior, prior,
             torch.empty((), **f32), torch.empty((), device=device, dtype=torch.int64),
@@ -830,10 +896,11 @@ def rows_kernel_resources(num_classes: int, dtype: torch.dtype, device="cuda") -
     with _device_ctx(device):
         compiled = _rows_kernel.warmup(*args, grid=(1,), **meta)
         compiled._init_handles()
-        per_sm = _programs_per_sm(_rows_kernel, ("report", dtype, cfg, device.index), args, meta,
-                                  device)
+        per_sm = _programs_per_sm(_rows_kernel, ("report", dtype, cfg, bool(prior_em),
+                                                 device.index), args, meta, device)
         sms = _sm_count(device)
     return {"dtype": str(dtype).replace("torch.", ""), "C": num_classes, **cfg._asdict(),
+            "prior_em": bool(prior_em),
             "n_regs": int(compiled.n_regs), "n_spills": int(compiled.n_spills),
             "shared": int(compiled.metadata.shared), "programs_per_sm": per_sm, "sms": sms,
             "grid": per_sm * sms}
@@ -880,9 +947,11 @@ def _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s):
 
 
 def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, hp, step, b, n, c, threshold, scalars, adj,
-                 step_mode, acc):
+                 step_mode, acc, prior_em=False):
     """Allocates the row outputs and partials, launches `_rows_kernel`. Returns the outputs and
-    partials (mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog)."""
+    partials (mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog).
+    `prior_em` (the step op's, a constexpr) only with step_mode; flexda_fwd_triton's estimator is
+    read from hparams in the kernel."""
     dev = z_l.device
     dtype = z_l.dtype
     cfg = kernel_config(c, dtype)
@@ -892,14 +961,15 @@ def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, hp, step, b, n, c, threshold, s
     grad_lb = torch.empty((b, c), device=dev, dtype=dtype)
     grad_ulb_s = torch.empty((n, c), device=dev, dtype=dtype)
     meta = dict(ROWS=cfg.rows, BLOCK_C=cfg.block_c, LOOP_C=cfg.loop_c, ADJ=adj, STEP=step_mode,
-                num_warps=cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+                PRIOR_EM=bool(prior_em and step_mode), num_warps=cfg.num_warps,
+                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     tail = (b, n, c * z_l.element_size(), _f64_bits(threshold), *scalars)
     if INTERPRETED or dev.type != "cuda":
         nprog = max(1, min(tiles, INTERPRETER_PROGRAMS))
     else:
         # Occupancy of this specialisation, cached after the first call; the first compiles it
         # with stand-in partials (the grid size does not enter the kernel's code).
-        key = ("rows", dtype, cfg, adj, step_mode, _device_index(dev))
+        key = ("rows", dtype, cfg, adj, step_mode, meta["PRIOR_EM"], _device_index(dev))
         per_sm = _OCCUPANCY.get(key) or PROGRAMS_PER_SM
         if not per_sm:
             probe = torch.empty((1, LOSS_SLOTS), device=dev, dtype=acc)
@@ -976,10 +1046,12 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
                               prior_ulb, step, skipped_updates, temperature, total_steps: int,
                               alpha_min: float, power: float, distill_start: int,
                               lambda_u: float, lambda_d: float, eps: float, flexda: bool,
-                              threshold: float, prior_momentum: float, update: bool):
+                              threshold: float, prior_momentum: float, update: bool,
+                              prior_em: bool = False):
     """Kernel of `adello::flexda_step_triton` (schema and semantics: ops/step.py): two launches,
     torch.empty allocations besides; `prior_ulb`, `step`, `skipped_updates` updated in place
-    when `update`."""
+    when `update`. `prior_em` selects the EM batch prior (a constexpr of the row kernel); the
+    epilogue updates Q with whichever prior_batch the rows gave."""
     b, n, c = _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s)
     dev = logits_lb.device
     _check_state(prior_lb, prior_ulb, step, skipped_updates, temperature, c, dev)
@@ -1002,7 +1074,7 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
     with _device_ctx(dev):
         mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog = _launch_rows(
             z_l, y, z_w, z_s, p_l, prior_ulb, temperature, step, b, n, c, threshold, scalars,
-            (ADJ_PRIORS if flexda else ADJ_ZERO).value, True, acc)
+            (ADJ_PRIORS if flexda else ADJ_ZERO).value, True, acc, bool(prior_em))
         _finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
             loss_part, prior_part, temperature, step, skipped_updates, prior_ulb, loss,
             loss_sup, loss_unsup, loss_distill, prior_batch, nprog, b, n, c,
@@ -1042,7 +1114,6 @@ def scale_grads_triton_(grad_lb: torch.Tensor, grad_ulb_s: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 _STEP_OP = torch.ops.adello.flexda_step_triton.default
-_NUM_STEP_ARGS = 20
 _STATE_ARGS = (5, 6, 7)        # prior_ulb, step, skipped_updates: mutated when `update`
 _UPDATE_ARG = 19
 _FIRST_ORDER_ONLY = ("adello::flexda_step_triton: the fused kernels give first-order gradients "
@@ -1089,8 +1160,11 @@ class FlexdaStepTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
+        # one gradient slot per forward argument: 21, or 20 from a caller that left out the
+        # trailing prior_em (its schema default)
+        nargs = len(ctx.needs_input_grad)
         if grad_loss is None:
-            return (None,) * _NUM_STEP_ARGS
+            return (None,) * nargs
         if torch.is_grad_enabled():
             raise RuntimeError(_FIRST_ORDER_ONLY)
         grad_lb, grad_ulb_s = ctx.saved_tensors
@@ -1103,20 +1177,20 @@ class FlexdaStepTriton(torch.autograd.Function):
         else:
             g_lb = grad_lb * grad_loss.to(grad_lb.dtype) if need_lb else None
             g_s = grad_ulb_s * grad_loss.to(grad_ulb_s.dtype) if need_s else None
-        return (g_lb, None, None, g_s) + (None,) * (_NUM_STEP_ARGS - 4)
+        return (g_lb, None, None, g_s) + (None,) * (nargs - 4)
 
 
 def flexda_step_triton(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
                        step, skipped_updates, temperature, total_steps, alpha_min, power,
                        distill_start, lambda_u, lambda_d, eps, flexda, threshold,
-                       prior_momentum, update):
+                       prior_momentum, update, prior_em=False):
     """One whole ADELLOLoss training step on the Triton kernels (arguments and outputs: the
     schema of adello::flexda_step in ops/step.py), differentiable w.r.t. logits_lb and
     logits_ulb_s through `loss`. Forward: two launches; backward: one; no host sync."""
     return FlexdaStepTriton.apply(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                   prior_ulb, step, skipped_updates, temperature, total_steps,
                                   alpha_min, power, distill_start, lambda_u, lambda_d, eps,
-                                  flexda, threshold, prior_momentum, update)
+                                  flexda, threshold, prior_momentum, update, bool(prior_em))
 
 
 def _step_autograd_kernel(*args):

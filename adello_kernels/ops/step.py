@@ -12,14 +12,15 @@
                 Tensor temperature,        0-d    float T (read only)
                 int total_steps, float alpha_min, float power, int distill_start,
                 float lambda_u, float lambda_d, float eps, bool flexda, float threshold,
-                float prior_momentum, bool update)
+                float prior_momentum, bool update, bool prior_em=False)
       -> (Tensor loss,            0-d    acc: L_s + lambda_u L_u + [t >= t0] lambda_d L_d
           Tensor loss_sup,        0-d    acc: L_s
           Tensor loss_unsup,      0-d    acc: L_u
           Tensor loss_distill,    0-d    acc: [t >= t0] L_d
           Tensor mask,            [N]    acc: 0/1
           Tensor pseudo_labels,   [N]    int64
-          Tensor prior_batch,     [C]    acc: mean_i softmax(logits_ulb_w[i])
+          Tensor prior_batch,     [C]    acc: mean_i softmax(logits_ulb_w[i]), or with
+                                         prior_em mean_i softmax(logits_ulb_w[i] + du)
           Tensor grad_lb,         [B, C] logits dtype: dloss/dlogits_lb
           Tensor grad_ulb_s)      [N, C] logits dtype: dloss/dlogits_ulb_s
 
@@ -28,9 +29,10 @@ What one call does, in order (the math: docs/method.md; the contract: docs/contr
 1. Prologue, from the state as it is on entry (Q_{t-1}, t): alpha_t = alpha_schedule(t), then
    ds = log(P_L + eps) - log(Qa + eps), du = log(Q + eps) - log(Qa + eps) with
    Qa = Q^alpha_t / sum(Q^alpha_t), computed in float64 and rounded once to the acc dtype
-   (both 0 when `flexda` is off); the distillation gate [t >= distill_start]; T.
+   (both 0 when `flexda` is off); the distillation gate [t >= distill_start]; T; prior_em.
 2. The fused rows (as adello::flexda_fwd, ops/flexda.py) and the fixed-order reduce.
-3. Epilogue, only when `update`: Q <- m Q + (1 - m) prior_batch unless prior_batch has a
+3. Epilogue, only when `update`: Q <- m Q + (1 - m) prior_batch (the raw or, with `prior_em`,
+   the EM batch prior: ops/flexda.py) unless prior_batch has a
    non-finite entry (then skipped_updates += 1); step += 1. Every read of the state in 1-2
    happens before this write. `update=False` (used when the batch prior is all-reduced across
    ranks first) leaves all three state tensors untouched.
@@ -68,9 +70,9 @@ SCHEMA = (
     "Tensor prior_lb, Tensor(a!) prior_ulb, Tensor(b!) step, Tensor(c!) skipped_updates, "
     "Tensor temperature, int total_steps, float alpha_min, float power, int distill_start, "
     "float lambda_u, float lambda_d, float eps, bool flexda, float threshold, "
-    "float prior_momentum, bool update) -> (Tensor loss, Tensor loss_sup, Tensor loss_unsup, "
-    "Tensor loss_distill, Tensor mask, Tensor pseudo_labels, Tensor prior_batch, "
-    "Tensor grad_lb, Tensor grad_ulb_s)")
+    "float prior_momentum, bool update, bool prior_em=False) -> (Tensor loss, Tensor loss_sup, "
+    "Tensor loss_unsup, Tensor loss_distill, Tensor mask, Tensor pseudo_labels, "
+    "Tensor prior_batch, Tensor grad_lb, Tensor grad_ulb_s)")
 STEP_OP_NAMES = ("flexda_step", "flexda_step_triton")
 
 _lib = torch.library.Library("adello", "FRAGMENT")  # kept alive for the process
@@ -84,7 +86,7 @@ scale_grads_ = torch.ops.adello.scale_grads_.default
 
 def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
           skipped_updates, temperature, total_steps, alpha_min, power, distill_start, lambda_u,
-          lambda_d, eps, flexda, threshold, prior_momentum, update):
+          lambda_d, eps, flexda, threshold, prior_momentum, update, prior_em=False):
     acc = torch.float64 if logits_lb.dtype == torch.float64 else torch.float32
     n, c = logits_ulb_w.shape
     new = logits_lb.new_empty

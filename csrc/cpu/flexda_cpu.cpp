@@ -239,6 +239,7 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
   args.lambda_d = h[kHpLambdaD];
   args.gate = h[kHpGate] != 0.0;
   args.temperature = h[kHpTemperature];
+  args.prior_em = h[kHpPriorEm] != 0.0;
   args.threshold = threshold;
   args.loss = loss.data_ptr();
   args.terms = terms.data_ptr();

@@ -6,10 +6,12 @@
 //
 //   logits_lb [B, C], labels_lb [B] int64, logits_ulb_w [N, C], logits_ulb_s [N, C]
 //     (fp32, bf16, fp16 or fp64, all three logits the same dtype; any strides)
-//   adj_lb [C], adj_ulb [C], hparams [4] = (lambda_u, lambda_d, distill_gate, T) in acc dtype
+//   adj_lb [C], adj_ulb [C], hparams [5] = (lambda_u, lambda_d, distill_gate, T, prior_em) in
+//     acc dtype
 //     (fp64 for fp64 logits, fp32 otherwise); threshold tau in (0, 1]
 //   -> loss 0-d, terms [3] = (L_s, L_u, gate ? L_d : 0), mask [N], pseudo_labels [N] int64,
-//      prior_batch [C] (acc dtype), grad_lb [B, C], grad_ulb_s [N, C] (logits dtype)
+//      prior_batch [C] (acc dtype; mean of softmax(z_w), or of softmax(z_w + du) when
+//      prior_em != 0), grad_lb [B, C], grad_ulb_s [N, C] (logits dtype)
 #pragma once
 
 #include <tuple>
@@ -43,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     const at::Tensor& prior_lb, const at::Tensor& prior_ulb, const at::Tensor& step,
     const at::Tensor& temperature, int64_t total_steps, double alpha_min, double power,
     int64_t distill_start, double lambda_u, double lambda_d, double eps, bool flexda,
-    at::ScalarType dtype);
+    bool prior_em, at::ScalarType dtype);
 
 // The epilogue of adello::flexda_step (csrc/cpu/step_epilogue_cpu.cpp), in place: Q <- m Q +
 // (1 - m) prior_batch unless prior_batch is not finite (then skipped_updates += 1); step += 1.

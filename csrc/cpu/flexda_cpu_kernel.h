@@ -73,6 +73,7 @@ struct Args {
   int64_t B, N, C;
   double lambda_u, lambda_d, temperature;
   bool gate;                  // distill_gate != 0
+  bool prior_em;              // prior_batch from softmax(w + du) (EM estimator), not softmax(w)
   double threshold;
   void* loss;                 // 0-d acc
   void* terms;                // [3] acc

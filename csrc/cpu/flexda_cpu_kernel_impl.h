@@ -10,6 +10,9 @@
 //   unlabeled pair i (weak row w = z_w[i] and strong row z = z_s[i] read together), a = z + du:
 //     pw = softmax(w), M = [max pw >= tau] = [1 / sum_c exp(w_c - max w) >= tau],
 //     yhat = first index of max w, prior_batch += pw / N (every row, no mask)
+//       (EM estimator: += pe / N, pe_c = ew_c r_c / sum_c ew_c r_c = softmax(w + du)_c, with
+//       ew_c = exp(w_c - max w) the weak pass's stored exps and r_c = exp(du_c) once per call:
+//       one multiply-and-sum pass over the stored row, no exp per element)
 //     M = 1:          L_u += lse(a) - a[yhat];      grad = lambda_u (softmax(a) - onehot(yhat)) / N
 //     M = 0, gate:    L_d += H(q, softmax(a / T));  grad = lambda_d (softmax(a / T) - q) / (T N)
 //                     q = softmax(w / T)  (= pw when T = 1: the weak pass is reused)
@@ -485,7 +488,8 @@ struct Kernel {
   acc_t* mask;
   int64_t* yhat;
   acc_t lambda_u, lambda_d, inv_t, tau, inv_b, inv_n;
-  bool gate, t_one;
+  bool gate, t_one, prior_em;
+  std::vector<acc_t> r;  // EM estimator: r_c = exp(du_c) = (Q_c + eps) / (Qa_c + eps), [C]
 
   explicit Kernel(const Args& args) : a(args) {
     B = a.B;
@@ -510,29 +514,35 @@ struct Kernel {
     inv_b = acc_t(1) / static_cast<acc_t>(B);
     inv_n = acc_t(1) / static_cast<acc_t>(N);
     gate = a.gate;
+    prior_em = a.prior_em;
+    if (prior_em) {
+      r.resize(C);
+      for (int64_t c = 0; c < C; ++c) r[c] = std::exp(du[c]);
+    }
   }
 
   // Per-worker scratch rows (acc dtype, C each): e, the exps of the row being processed; ew,
-  // exp(w - max w); eq, exp((w - max w) / T); for bf16/fp16 also the widened weak and
-  // strong/labeled rows.
+  // exp(w - max w); eq, exp((w - max w) / T); er, ew * r (EM estimator); for bf16/fp16 also
+  // the widened weak and strong/labeled rows.
   // Also the log terms of the task being processed (RowLogs, up to `task_rows` rows).
   struct Scratch {
     std::unique_ptr<acc_t[]> buf;
     std::unique_ptr<int8_t[]> terms;
-    acc_t *e, *ew, *eq, *zin_w, *zin;
+    acc_t *e, *ew, *eq, *er, *zin_w, *zin;
     RowLogs<acc_t> logs;
   };
 
   Scratch make_scratch(int64_t task_rows) const {
     Scratch s;
-    const int64_t rows = 3 + (kDirect ? 0 : 2);
+    const int64_t rows = 4 + (kDirect ? 0 : 2);
     s.buf.reset(new acc_t[rows * C + task_rows]);
     s.terms.reset(new int8_t[task_rows]);
     s.e = s.buf.get();
     s.ew = s.e + C;
     s.eq = s.e + 2 * C;
-    s.zin_w = kDirect ? nullptr : s.e + 3 * C;
-    s.zin = kDirect ? nullptr : s.e + 4 * C;
+    s.er = s.e + 3 * C;
+    s.zin_w = kDirect ? nullptr : s.e + 4 * C;
+    s.zin = kDirect ? nullptr : s.e + 5 * C;
     s.logs.t = s.e + rows * C;
     s.logs.term = s.terms.get();
     return s;
@@ -638,10 +648,17 @@ struct Kernel {
     const bool confident = inv_sw >= tau;
     mask[i] = confident ? acc_t(1) : acc_t(0);
     yhat[i] = k_w;
+    // The row's batch-prior contribution pe_row * kp: pw = ew / sw, or (EM) ew r / sum(ew r).
+    const acc_t* pe = sc.ew;
+    acc_t kp = inv_sw;
+    if (prior_em) {
+      kp = acc_t(1) / weighted_exps(sc.ew, sc.er);
+      pe = sc.er;
+    }
 
     if (!confident && !gate) {  // contributes nothing but its pw
       skipped_row(z, k_w, grow, lu);
-      prior_add(prior, sc.ew, inv_sw, C);
+      prior_add(prior, pe, kp, C);
       return;
     }
 
@@ -673,7 +690,7 @@ struct Kernel {
                                                    sc.e, C, &dot);
     }
     const acc_t s = acc_t(1) + t;
-    if (!valid_sum(s)) return nan_strong_row(grow, prior, sc.ew, inv_sw, confident ? lu : ld);
+    if (!valid_sum(s)) return nan_strong_row(grow, prior, pe, kp, confident ? lu : ld);
     // ce = (a_k - a_yhat) + log1p(t),  h = log1p(t) - (1/T) dot / sq: the parts besides the log
     // here, the log with the task's others (sc.logs).
     lu += confident ? static_cast<double>((z[k] - z[k_w]) + (du[k] - du[k_w])) : 0.0;
@@ -682,15 +699,40 @@ struct Kernel {
     const acc_t cu = lambda_u * inv_n, cd = lambda_d * inv_n * inv_t;
     sc.e[k_w] -= confident ? s : acc_t(0);
     write_grad<true, true>(grow, sc.e, (confident ? cu : cd) / s, qe,
-                           confident ? acc_t(0) : cd * inv_sq, prior, sc.ew, inv_sw);
+                           confident ? acc_t(0) : cd * inv_sq, prior, pe, kp);
   }
 
-  // A NaN/inf strong row (finite weak row): NaN gradient and loss term, pw still counted.
-  void nan_strong_row(scalar_t* grow, acc_t* prior, const acc_t* ew, acc_t inv_sw,
+  // EM estimator: er_c = ew_c r_c into `er`, returns sum_c er_c (> 0: the max's ew is 1 and
+  // r_c >= eps / (1 + eps); at most C (1 + eps) / eps, finite).
+  acc_t weighted_exps(const acc_t* ew, acc_t* er) const {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t L = Vec::size();
+    const acc_t* rr = r.data();
+    Vec acc(acc_t(0));
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const Vec x = Vec::loadu(ew + c) * Vec::loadu(rr + c);
+      x.store(er + c);
+      acc = acc + x;
+    }
+    __at_align__ acc_t lanes[L];
+    acc.store(lanes);
+    acc_t sum = 0;
+    for (int64_t l = 0; l < L; ++l) sum += lanes[l];
+    for (; c < C; ++c) {
+      er[c] = ew[c] * rr[c];
+      sum += er[c];
+    }
+    return sum;
+  }
+
+  // A NaN/inf strong row (finite weak row): NaN gradient and loss term, its prior row still
+  // counted (pe * kp, see unlabeled_row).
+  void nan_strong_row(scalar_t* grow, acc_t* prior, const acc_t* pe, acc_t kp,
                       double& term) const {
     fill_row(grow, C, true);
     term += std::numeric_limits<double>::quiet_NaN();
-    prior_add(prior, ew, inv_sw, C);
+    prior_add(prior, pe, kp, C);
   }
 
   // A row with M = 0 and the distillation off: gradient 0 and no loss, except that the reference

@@ -7,7 +7,7 @@
 //   Qa      = Q ** alpha_t / sum(Q ** alpha_t)                (0 ** 0 = 1, as torch.pow)
 //   ds      = log(P_L + eps) - log(Qa + eps)                  (labeled-logit adjustment)
 //   du      = log(Q + eps)   - log(Qa + eps)                  (strong-logit adjustment)
-//   hparams = (lambda_u, lambda_d, [t >= t0], T)
+//   hparams = (lambda_u, lambda_d, [t >= t0], T, prior_em)
 // computed in double (vectorised: flexda_cpu_adjustments, in the kernel's ISA builds) and rounded
 // once to the accumulate dtype; flexda = false gives ds = du = 0. Reading the 0-d `step` and
 // `temperature` here is a plain memory read: they are CPU tensors.
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     const at::Tensor& prior_lb, const at::Tensor& prior_ulb, const at::Tensor& step,
     const at::Tensor& temperature, int64_t total_steps, double alpha_min, double power,
     int64_t distill_start, double lambda_u, double lambda_d, double eps, bool flexda,
-    at::ScalarType dtype) {
+    bool prior_em, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "flexda_step: dtype must be float32 or float64, got ", dtype);
   TORCH_CHECK(total_steps > 0, "flexda_step: total_steps must be positive");
@@ -92,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     hp[kHpLambdaD] = static_cast<scalar_t>(lambda_d);
     hp[kHpGate] = t >= distill_start ? scalar_t(1) : scalar_t(0);
     hp[kHpTemperature] = static_cast<scalar_t>(read_scalar(temperature));
+    hp[kHpPriorEm] = prior_em ? scalar_t(1) : scalar_t(0);
   });
   return {adj_lb, adj_ulb, hparams};
 }

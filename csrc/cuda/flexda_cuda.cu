@@ -1,5 +1,6 @@
 // adello::flexda_fwd for the CUDA dispatch key: the fused rows and the deterministic reduce
-// (csrc/cuda/flexda_kernels.cuh), with the adjustments and hyperparameters given as tensors.
+// (csrc/cuda/flexda_kernels.cuh), with the adjustments and hyperparameters given as tensors
+// (hparams, csrc/adello_hparams.h, is read on the device, prior_em included: no host sync).
 // The op's contract: adello_kernels/ops/flexda.py.
 #include "flexda_kernels.cuh"
 

@@ -9,9 +9,11 @@
 //        blocks [0, G_u)          unlabeled row pairs (weak row i and strong row i together)
 //        blocks [G_u, G_u + G_l)  labeled rows
 //      Each row writes its gradient row, and for unlabeled rows the mask and pseudo-label. The
-//      per-row losses (registers) and the per-class sums of softmax(z_w) (per-thread shared-memory
-//      slots, or the block's workspace row in the looped regime) are summed in row order, then
-//      per block in a fixed order, into a small workspace of per-block partials.
+//      per-row losses (registers) and the per-class sums of the batch prior's rows (per-thread
+//      shared-memory slots, or the block's workspace row in the looped regime) are summed in row
+//      order, then per block in a fixed order, into a small workspace of per-block partials.
+//      The batch prior's row is softmax(z_w) (raw), or with hparams[kHpPriorEm] != 0 (flexda_fwd)
+//      / prior_em (flexda_step) the EM row softmax(z_w + du) (see "EM batch prior" below).
 //      flexda_step (STEP = true): every block first runs the O(C) prologue itself, from the state
 //      tensors on the device: alpha_t from `step`, sum_c Q_c^alpha_t (a fixed-order block
 //      reduction), then its own adjustment vector (ds for a labeled block, du for an unlabeled
@@ -43,6 +45,22 @@
 //
 // Labels outside [0, C) (validation off): that labeled row's cross-entropy is NaN and its
 // gradient row is all NaN, without reading outside the row; the other rows are unaffected.
+//
+// EM batch prior (prior_em; a uniform branch on a device value, no host read): every weak row's
+// contribution is pe_c = ew_c r_c / sum_c ew_c r_c = softmax(z_w + du)_c, with ew_c = exp(z_w,c -
+// max z_w) the exps the weak pass already has and r_c = exp(du_c), du the acc_t strong-view
+// adjustment exactly as the kernel adds it to the strong row (for flexda_step the prologue's
+// copy, or the per-element recompute in the looped kernel beyond ADELLO_ADJ_SMEM_BYTES).
+// r_c is computed per element where it is used (one expf of a value already in registers or
+// shared memory), not cached: in a memory-bound kernel the MUFU has slack, a cached r would
+// cost C more acc_t of shared memory per block (or EPT more registers per thread), and the same
+// exp_acc of the same du gives the same bits wherever it is recomputed. The register tiers sum
+// ew r together with ew (one pair reduce instead of the raw single sum), then add
+// (ew r) / sum(ew r) to the prior slots, recomputing r there; the looped kernel keeps
+// sum exp(z_w - m) r online next to sum exp(z_w - m) in its weak pass and multiplies pass 3's
+// exps by r. A NaN weak logit makes both sums NaN, so the row's prior (and the batch prior) is
+// NaN as in raw mode. With flexda off du = 0 and r = 1, so em forms the raw sums (the emulator
+// test checks that em then gives the raw bits). Raw mode's arithmetic is unchanged.
 //
 // Numerics: every quantity is accumulated in acc_t (fp32 for fp32/bf16/fp16 logits, fp64 for fp64);
 // gradients are rounded once to the logits' dtype on store. expf/logf, not __expf/__logf:
@@ -128,6 +146,12 @@ __device__ __forceinline__ A quiet_nan() { return static_cast<A>(NAN); }
 // x - x is 0 exactly for finite x and NaN for +-inf and NaN (no fast-math anywhere).
 template <typename A>
 __device__ __forceinline__ bool is_finite(A x) { return x - x == A(0); }
+// A product and a sum rounded separately (never contracted to an FMA): the prior update, and
+// merges that must give the same bits in either operand order.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 // ------------------------------------------------------------------------------------------------
 // Kernel arguments
@@ -156,6 +180,7 @@ struct StepArgs {
   int64_t total_steps, distill_start;
   double alpha_min, power, lambda_u, lambda_d, eps, momentum;
   bool flexda, update;
+  bool prior_em;  // the EM batch prior (flexda_fwd: hparams[kHpPriorEm] != 0)
   bool adj_smem;  // the adjustment vector lives in dynamic shared memory (else recomputed)
 };
 
@@ -200,15 +225,17 @@ template <typename acc_t>
 struct Hyper {
   acc_t lambda_u, lambda_d, inv_t;
   bool gate, t_is_one;
+  bool prior_em;  // the batch prior's rows are softmax(z_w + du), not softmax(z_w)
 };
 
 template <typename acc_t>
 __device__ __forceinline__ Hyper<acc_t> make_hyper(acc_t lambda_u, acc_t lambda_d, bool gate,
-                                                   acc_t t) {
+                                                   acc_t t, bool prior_em) {
   Hyper<acc_t> h;
   h.lambda_u = lambda_u;
   h.lambda_d = lambda_d;
   h.gate = gate;
+  h.prior_em = prior_em;
   h.t_is_one = t == acc_t(1);      // T == 1: q = softmax(z_w) is reused from the weak pass
   h.inv_t = acc_t(1) / t;
   return h;
@@ -217,9 +244,9 @@ __device__ __forceinline__ Hyper<acc_t> make_hyper(acc_t lambda_u, acc_t lambda_
 // flexda_fwd: from the hparams vector (layout: csrc/adello_hparams.h).
 template <typename acc_t>
 __device__ __forceinline__ Hyper<acc_t> read_hyper(const acc_t* hp, int64_t s) {
-  // as the reference: gate != 0 (NaN counts as on)
+  // as the reference: gate != 0 and prior_em != 0 (NaN counts as on)
   return make_hyper(hp[kHpLambdaU * s], hp[kHpLambdaD * s], hp[kHpGate * s] != acc_t(0),
-                    hp[kHpTemperature * s]);
+                    hp[kHpTemperature * s], hp[kHpPriorEm * s] != acc_t(0));
 }
 
 // flexda_step: from the scalar arguments and the state, rounded as the CPU prologue rounds them
@@ -228,7 +255,8 @@ template <typename acc_t>
 __device__ __forceinline__ Hyper<acc_t> step_hyper(const StepArgs& s) {
   return make_hyper(static_cast<acc_t>(s.lambda_u), static_cast<acc_t>(s.lambda_d),
                     *s.step >= s.distill_start,
-                    static_cast<acc_t>(load_as_double(s.temperature, s.temperature_kind, 0)));
+                    static_cast<acc_t>(load_as_double(s.temperature, s.temperature_kind, 0)),
+                    s.prior_em);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -470,7 +498,22 @@ struct RowTile {
 #pragma unroll
     for (int k = 0; k < K; ++k) IO::load(&x[k * V], row, cs, col(t, k * V), C, vec, neg_inf<acc_t>());
   }
-  // x += adj (a [C] acc_t vector); padding stays -inf (adds 0).
+  // The adjustment in pieces of 2 values (one 8-byte fp32 access, two fp64 loads): piece i holds
+  // elements j = 2 i, 2 i + 1, consecutive columns inside one chunk. Narrower pieces keep the EM
+  // loops' live registers down: with whole chunks (V = 4 fp32, 8 for 16-bit logits) or 16-byte
+  // pieces the EM branch pushed the 16-bit block/512 tier of flexda_fwd into spills and 16-bit
+  // warp/8 past its occupancy target; with single values ptxas spilled block/512 more (ptxas -v,
+  // sm_90, nvcc 13.0; csrc/cuda/README.md).
+  static constexpr int kAdjW = 2;
+  static_assert(V % kAdjW == 0, "a piece lies inside one chunk");
+  static constexpr int kAdjN = EPT / kAdjW;
+  using AdjIO = VecIO<acc_t, kAdjW>;
+  // d = adj[columns of piece i] (a [C] acc_t vector), padding columns 0.
+  static __device__ __forceinline__ void adj_piece(acc_t (&d)[kAdjW], const acc_t* adj,
+                                                   int64_t s, int C, int t, int i) {
+    AdjIO::load(d, adj, s, col(t, i * kAdjW), C, s == 1 && AdjIO::aligned(adj), acc_t(0));
+  }
+  // x += adj; padding stays -inf (adds 0).
   static __device__ __forceinline__ void add(acc_t (&x)[EPT], const acc_t* adj, int64_t s, int C,
                                              int t) {
     const bool vec = s == 1 && AccIO::aligned(adj);
@@ -552,17 +595,51 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       const int yhat = am.i;
       // w <- exp(z_w - m_w) (padding: exp(-inf) = 0), s_w = sum; pw = w / s_w.
       acc_t s_w = 0;
+      if (h.prior_em) {
+        // EM batch prior: also s_e = sum_c w_c r_c, r_c = exp(du_c), in the same loop and
+        // reduce (padding: du = 0, r = 1, w = 0). s_w is the same sum as below, in the same order.
+        Pair<acc_t> se{0, 0};
 #pragma unroll
-      for (int j = 0; j < EPT; ++j) {
-        w[j] = exp_acc(w[j] - m_w);
-        s_w += w[j];
+        for (int i = 0; i < Tile::kAdjN; ++i) {
+          acc_t d[Tile::kAdjW];
+          Tile::adj_piece(d, adj, adj_s, C, t, i);
+#pragma unroll
+          for (int v = 0; v < Tile::kAdjW; ++v) {
+            const int j = i * Tile::kAdjW + v;
+            w[j] = exp_acc(w[j] - m_w);
+            se.a += w[j];
+            se.b += w[j] * exp_acc(d[v]);
+          }
+        }
+        se = G::allreduce(se, PairSumOp{}, red);
+        s_w = se.a;
+        // pe = (w r) / s_e, r recomputed per element (not kept: EPT more live registers).
+        const acc_t inv_se = acc_t(1) / se.b;
+#pragma unroll
+        for (int i = 0; i < Tile::kAdjN; ++i) {
+          acc_t d[Tile::kAdjW];
+          Tile::adj_piece(d, adj, adj_s, C, t, i);
+#pragma unroll
+          for (int v = 0; v < Tile::kAdjW; ++v) {
+            const int j = i * Tile::kAdjW + v;
+            prior_smem[grp][j][t] += w[j] * exp_acc(d[v]) * inv_se;  // all rows, no mask
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < EPT; ++j) {
+          w[j] = exp_acc(w[j] - m_w);
+          s_w += w[j];
+        }
+        s_w = G::allreduce(s_w, SumOp{}, red);
       }
-      s_w = G::allreduce(s_w, SumOp{}, red);
       const acc_t inv_sw = acc_t(1) / s_w;
       // max_c pw = exp(0) / s_w; inclusive threshold, compared in acc_t (NaN -> mask 0, as torch).
       const bool M = inv_sw >= p.tau;
+      if (!h.prior_em) {
 #pragma unroll
-      for (int j = 0; j < EPT; ++j) prior_smem[grp][j][t] += w[j] * inv_sw;  // all rows, no mask
+        for (int j = 0; j < EPT; ++j) prior_smem[grp][j][t] += w[j] * inv_sw;  // all rows, no mask
+      }
       if (t == 0) {
         p.mask[r] = M ? acc_t(1) : acc_t(0);
         p.pseudo[r] = yhat;
@@ -747,6 +824,45 @@ __device__ __forceinline__ Online<A> online_merge(Online<A> x, Online<A> y, A in
   return {m, sx + sy};
 }
 
+// EM batch prior, weak pass: e = sum_c exp(x_c - m) r_c kept online next to (m, s), rescaled
+// by the same factor whenever the running max grows (so the pair needs no second pass over the
+// row). s is updated exactly as online_add does it.
+template <typename A>
+__device__ __forceinline__ void online_add_em(Online<A>& o, A& e, A x, A r) {
+  if (x > o.m) {
+    const bool empty = o.s == A(0);  // then e == 0 too, and o.m - x may be -inf - -inf
+    const A f = empty ? A(0) : exp_acc(o.m - x);
+    o.s = (empty ? A(0) : o.s * f) + A(1);
+    e = (empty ? A(0) : e * f) + r;
+    o.m = x;
+  } else if (x != neg_inf<A>()) {
+    const A ex = exp_acc(x - o.m);
+    o.s += ex;
+    e += ex * r;
+  }
+}
+
+// The weak pass's reduction in EM mode: (m, s), the arg-max, and e (see online_add_em). The
+// products and sums are rounded separately so that merge(x, y) and merge(y, x) give the same bits
+// (the butterfly relies on it).
+template <typename A>
+struct EmStats {
+  Online<A> o;
+  ArgMax<A> am;
+  A e;
+};
+template <typename A>
+struct EmStatsOp {
+  __device__ __forceinline__ EmStats<A> operator()(EmStats<A> x, EmStats<A> y) const {
+    const A m = max_acc(x.o.m, y.o.m);
+    // An empty side (s == 0, so e == 0; m may be -inf, and -inf - -inf is NaN) adds 0.
+    const A fx = x.o.s == A(0) ? A(0) : exp_acc(x.o.m - m);
+    const A fy = y.o.s == A(0) ? A(0) : exp_acc(y.o.m - m);
+    return {{m, add_rn(mul_rn(x.o.s, fx), mul_rn(y.o.s, fy))}, ArgMaxOp{}(x.am, y.am),
+            add_rn(mul_rn(x.e, fx), mul_rn(y.e, fy))};
+  }
+};
+
 // Everything one pass of the looped kernel reduces at once.
 template <typename A>
 struct LoopStats {
@@ -801,18 +917,22 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
   }
   const bool adj_vec = adj != nullptr && adj_s == 1 && AccIO::aligned(adj);
 
+  // The block's adjustment for chunk c0 into d[V] (padding columns 0).
+  auto load_adj = [&](acc_t* d, int c0) {
+    if (!STEP || adj != nullptr) {
+      AccIO::load(d, adj, adj_s, c0, C, adj_vec, acc_t(0));
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        d[v] = c0 + v < C ? step_adjustment<acc_t>(p.st, labeled, c0 + v, alpha, sum) : acc_t(0);
+    }
+  };
   // Load chunk c0 of a row (+ the block's adjustment when with_adj) into x[V].
   auto load = [&](acc_t* x, const scalar_t* row, int64_t cs, bool vec, int c0, bool with_adj) {
     IO::load(x, row, cs, c0, C, vec, ninf);
     if (with_adj) {
       acc_t d[V];
-      if (!STEP || adj != nullptr) {
-        AccIO::load(d, adj, adj_s, c0, C, adj_vec, acc_t(0));
-      } else {
-#pragma unroll
-        for (int v = 0; v < V; ++v)
-          d[v] = c0 + v < C ? step_adjustment<acc_t>(p.st, labeled, c0 + v, alpha, sum) : acc_t(0);
-      }
+      load_adj(d, c0);
 #pragma unroll
       for (int v = 0; v < V; ++v) x[v] += d[v];
     }
@@ -833,21 +953,43 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       const bool svec = p.z_s_cs == 1 && IO::aligned(srow);
       const bool gvec = IO::aligned(grow);
 
-      // Pass 1, weak view: online (m_w, s_w) and the arg-max.
-      LoopStats<acc_t> st{{ninf, acc_t(0)}, {ninf, INT_MAX}, acc_t(0), acc_t(0)};
-      for (int c0 = t * V; c0 < C; c0 += kStep) {
-        acc_t x[V];
-        load(x, wrow, p.z_w_cs, wvec, c0, false);
+      // Pass 1, weak view: online (m_w, s_w) and the arg-max; EM batch prior: also
+      // s_e = sum_c exp(z_w - m_w) r_c online (online_add_em), r_c = exp(du_c) per element.
+      acc_t m_w, inv_sw, inv_se = 0;
+      int yhat;
+      if (h.prior_em) {
+        EmStats<acc_t> st{{ninf, acc_t(0)}, {ninf, INT_MAX}, acc_t(0)};
+        for (int c0 = t * V; c0 < C; c0 += kStep) {
+          acc_t x[V], d[V];
+          load(x, wrow, p.z_w_cs, wvec, c0, false);
+          load_adj(d, c0);
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          if (beats(x[v], c0 + v, st.am.v, st.am.i)) st.am = {x[v], c0 + v};
-          online_add(st.o, x[v], one);
+          for (int v = 0; v < V; ++v) {
+            if (beats(x[v], c0 + v, st.am.v, st.am.i)) st.am = {x[v], c0 + v};
+            online_add_em(st.o, st.e, x[v], exp_acc(d[v]));
+          }
         }
+        st = G::allreduce(st, EmStatsOp<acc_t>{}, red);
+        m_w = st.o.m;
+        inv_sw = one / st.o.s;
+        inv_se = one / st.e;
+        yhat = st.am.i;
+      } else {
+        LoopStats<acc_t> st{{ninf, acc_t(0)}, {ninf, INT_MAX}, acc_t(0), acc_t(0)};
+        for (int c0 = t * V; c0 < C; c0 += kStep) {
+          acc_t x[V];
+          load(x, wrow, p.z_w_cs, wvec, c0, false);
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            if (beats(x[v], c0 + v, st.am.v, st.am.i)) st.am = {x[v], c0 + v};
+            online_add(st.o, x[v], one);
+          }
+        }
+        st = G::allreduce(st, LoopStatsOp<acc_t>{one}, red);
+        m_w = st.o.m;
+        inv_sw = one / st.o.s;
+        yhat = st.am.i;
       }
-      st = G::allreduce(st, LoopStatsOp<acc_t>{one}, red);
-      const acc_t m_w = st.o.m;
-      const acc_t inv_sw = one / st.o.s;
-      const int yhat = st.am.i;
       const bool M = inv_sw >= p.tau;
       if (t == 0) {
         p.mask[r] = M ? one : acc_t(0);
@@ -884,24 +1026,44 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
         inv_sq = one / sb.x2;
       }
 
-      // Pass 3: batch prior, gradient row, distillation dot product.
+      // Pass 3: batch prior, gradient row, distillation dot product. EM: the prior row is
+      // (exp(z_w - m_w) r) / s_e, and the chunk's du (loaded once) also adjusts the strong row.
       acc_t dot = 0;
       for (int c0 = t * V; c0 < C; c0 += kStep) {
         acc_t x[V], g[V];
         load(x, wrow, p.z_w_cs, wvec, c0, false);
         acc_t pw[V];
+        acc_t d[V];
+        if (h.prior_em) {
+          load_adj(d, c0);
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          pw[v] = exp_acc(x[v] - m_w) * inv_sw;
-          if (c0 + v < C) part[c0 + v] = first ? pw[v] : part[c0 + v] + pw[v];
+          for (int v = 0; v < V; ++v) {
+            const acc_t ew = exp_acc(x[v] - m_w);
+            pw[v] = ew * inv_sw;
+            const acc_t pe = ew * exp_acc(d[v]) * inv_se;
+            if (c0 + v < C) part[c0 + v] = first ? pe : part[c0 + v] + pe;
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            pw[v] = exp_acc(x[v] - m_w) * inv_sw;
+            if (c0 + v < C) part[c0 + v] = first ? pw[v] : part[c0 + v] + pw[v];
+          }
+        }
+        if (M || distill) {  // the strong chunk a = z_s + du (EM: the du loaded above)
+          if (h.prior_em) {
+            load(g, srow, p.z_s_cs, svec, c0, false);
+#pragma unroll
+            for (int v = 0; v < V; ++v) g[v] += d[v];
+          } else {
+            load(g, srow, p.z_s_cs, svec, c0, true);
+          }
         }
         if (M) {
-          load(g, srow, p.z_s_cs, svec, c0, true);
 #pragma unroll
           for (int v = 0; v < V; ++v)
             g[v] = (exp_acc(g[v] - m_a) * inv_sa - (c0 + v == yhat ? one : acc_t(0))) * scale_u;
         } else if (distill) {
-          load(g, srow, p.z_s_cs, svec, c0, true);
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             const acc_t q = fresh_q ? exp_acc((x[v] - m_w) * h.inv_t) * inv_sq : pw[v];
@@ -993,11 +1155,6 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
 //        other finalize block reads step. The row kernel's reads of Q and step all precede this
 //        kernel in stream order.
 // ------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 template <typename q_t, typename acc_t>
 __device__ __forceinline__ void momentum_update(const StepArgs& s, int c, acc_t pb) {

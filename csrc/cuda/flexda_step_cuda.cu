@@ -5,6 +5,9 @@
 //                 the state tensors on the device, and the finalize kernel, which reduces the
 //                 per-block partials and, when `update`, applies the prior update and advances
 //                 the counters (csrc/cuda/flexda_kernels.cuh). No host read of device values.
+//                 `prior_em` (a host bool, a kernel argument: StepArgs::prior_em) selects the
+//                 EM batch prior exactly as hparams[kHpPriorEm] does for flexda_fwd; the
+//                 epilogue updates Q with whichever batch prior the rows produced.
 //   scale_grads_  1 launch for both gradients (below); with flexda_step, forward + backward +
 //                 prior update of one training step are 3 launches.
 #include "flexda_kernels.cuh"
@@ -138,7 +141,8 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
                              at::Tensor& skipped_updates, const at::Tensor& temperature,
                              int64_t total_steps, double alpha_min, double power,
                              int64_t distill_start, double lambda_u, double lambda_d, double eps,
-                             bool flexda, double threshold, double prior_momentum, bool update) {
+                             bool flexda, double threshold, double prior_momentum, bool update,
+                             bool prior_em) {
   constexpr const char* kOp = "adello::flexda_step";
 #ifndef ADELLO_CUDA_EMULATION
   TORCH_CHECK_VALUE(logits_lb.is_cuda(), kOp, ": logits_lb must be a CUDA tensor");
@@ -181,6 +185,7 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
   st.momentum = prior_momentum;
   st.flexda = flexda;
   st.update = update;
+  st.prior_em = prior_em;  // read by every row block as flexda_fwd reads hparams[kHpPriorEm]
   FlexdaOutputs o = flexda_launch<true>(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, nullptr,
                                         nullptr, nullptr, st, threshold, stream);
   return {o.loss, o.terms[0], o.terms[1], o.terms[2], o.mask, o.pseudo, o.prior, o.grad_lb,
