@@ -258,6 +258,24 @@ def test_supervised_run(data_root, tmp_path):
     assert s["algorithm"] == "supervised" and s["prior_kl"] is None and s["steps"] == 4
 
 
+def test_em_prior_estimator_run_tracks_the_raw_estimate_beside_it(data_root, tmp_path):
+    """--prior-estimator em: ADELLOLoss is built with it, and the log, summary, report and prior
+    plot carry the raw estimate beside Q; an unknown value is refused before any work."""
+    cfg = config.validate({**config.DEFAULTS, "prior_estimator": "em"})
+    assert trainer.make_criterion(cfg, torch.full((10,), 0.1)).prior_estimator == "em"
+    with pytest.raises(config.ConfigError, match="--prior-estimator"):
+        config.validate({**config.DEFAULTS, "prior_estimator": "EM"})
+    out = tmp_path / "em"
+    assert cli.main(_args(data_root, out, steps=10, extra=("--prior-estimator", "em"))) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["prior_estimator"] == "em" and s["prior_kl_raw"] is not None
+    assert abs(sum(s["prior_ulb_raw"]) - 1) < 1e-4 and s["prior_ulb_raw"] != s["prior_ulb"]
+    log = _jsonl(out / "train_log.jsonl")
+    assert all(len(r["prior_ulb_raw"]) == 10 for r in log)
+    assert "raw estimate" in (out / "report.md").read_text()
+    assert (out / "prior.png").read_bytes()[:8] == PNG_MAGIC
+
+
 # ------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------

@@ -289,8 +289,10 @@ def test_scaled_run_resumes_exactly_and_saves_its_resolved_values(data_root, tmp
         assert rec["samples"] == rec["step"] * 16
 
 
-def test_compiled_step_has_no_graph_break(data_root, tmp_path):
-    tr = _trainer(data_root, tmp_path / "c", "--compile", "step")
+@pytest.mark.parametrize("estimator", ["raw", "em"])
+def test_compiled_step_has_no_graph_break(data_root, tmp_path, estimator):
+    # em also updates the raw-estimate diagnostic in place inside the graph (fast_step.py)
+    tr = _trainer(data_root, tmp_path / "c", "--compile", "step", "--prior-estimator", estimator)
     run = tr.runner
     drawn = run.draw()
     for update in (False, True):

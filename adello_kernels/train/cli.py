@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior-momentum", type=float, help="momentum of the prior estimate")
     g.add_argument("--distill-start", type=int, help="step t0 from which L_d counts")
     g.add_argument("--temperature", help="distillation temperature, or imbalance_aware")
+    g.add_argument("--prior-estimator", help="what the prior estimate Q averages: raw (the weak "
+                   "softmax, the released method) or em (the weak posteriors adjusted to Q)")
     g.add_argument("--model", help="cnn, wrn28_2 or resnet50")
     g.add_argument("--model-width", type=int, help="CNN width (0: default)")
     g.add_argument("--seed", type=int)

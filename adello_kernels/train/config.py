@@ -31,6 +31,7 @@ DEFAULTS = {
     "algorithm": "adello",
     "threshold": 0.95, "prior_momentum": 0.999, "alpha_min": 0.1, "power": 2.0,
     "distill_start": 0, "temperature": 1.0, "lambda_u": 1.0, "lambda_d": 1.0,
+    "prior_estimator": "raw",    # raw (the released method) | em (docs/method.md)
     # optimisation
     "steps": 262144, "batch_size": 64, "mu": 2, "lr": 0.03, "momentum": 0.9, "nesterov": True,
     "weight_decay": 5e-4, "ema": 0.999,
@@ -63,7 +64,7 @@ FLAG_KEYS = ("algorithm", "gamma_l", "gamma_u", "n1", "m1", "steps", "batch_size
              "ema", "threshold", "distill_start", "temperature", "prior_momentum", "time_limit",
              "model", "model_width", "progress", "on_nonfinite", "dist_timeout", "dataset",
              "grad_accum", "warmup", "lr_scaling", "cosine", "scale_rules", "cuda_graph",
-             "phase_timing")
+             "phase_timing", "prior_estimator")
 MODELS = ("cnn", "wrn28_2", "resnet50")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The splits each dataset's reader supports (any other would be silently meaningless).
@@ -209,6 +210,8 @@ def validate(cfg: dict) -> dict:
         except ConfigError:
             raise _err("temperature", "expected a positive number or 'imbalance_aware', got "
                                       f"{cfg['temperature']!r}") from None
+    if cfg["prior_estimator"] not in ("raw", "em"):
+        raise _err("prior_estimator", f"expected 'raw' or 'em', got {cfg['prior_estimator']!r}")
     for k in ("sync_bn", "deterministic", "progress", "download", "nesterov", "scale_rules",
               "cosine", "synthetic", "cuda_graph", "cudnn_benchmark", "phase_timing"):
         _bool(cfg, k)

@@ -139,6 +139,11 @@ class StepRunner:
             z_l, z_w, z_s = logits.split([self.bm, self.nm, self.nm])
             out = tr.crit(z_l, y_lb, z_w.detach(), z_s, update=update)
             loss = out.loss
+            if tr.prior_raw is not None and update:  # the raw estimator beside Q (trainer.py)
+                m = tr.crit.prior_momentum
+                raw = torch.softmax(z_w.detach().float(), -1).mean(0)
+                raw = torch.where(torch.isfinite(raw).all(), raw, tr.prior_raw)
+                tr.prior_raw.mul_(m).add_(raw, alpha=1.0 - m)
             known = (y_true >= 0).to(out.mask.dtype)
             hit = (out.pseudo_labels == y_true).to(out.mask.dtype)
             stats = [loss.detach(), out.loss_sup, out.loss_unsup, out.loss_distill,

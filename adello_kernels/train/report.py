@@ -87,6 +87,10 @@ def plot_prior(path: str, log: list[dict], true_prior, names) -> None:
     steps = np.asarray([r["step"] for r in recs])
     q = np.asarray([r["prior_ulb"] for r in recs])
     c = q.shape[1]
+    # prior_estimator "em": the released (raw) estimator, tracked beside Q, dotted
+    raw = None
+    if all(r.get("prior_ulb_raw") is not None for r in recs):
+        raw = np.asarray([[np.nan if v is None else v for v in r["prior_ulb_raw"]] for r in recs])
     fig, axes = plt.subplots(1, 2 if true_prior is not None else 1, figsize=(11, 4),
                              squeeze=False)
     ax = axes[0, 0]
@@ -95,20 +99,28 @@ def plot_prior(path: str, log: list[dict], true_prior, names) -> None:
     colors = plt.get_cmap("tab10")
     for j, cls in enumerate(shown):
         ax.plot(steps, q[:, cls], color=colors(j % 10), label=str(names[cls])[:14])
+        if raw is not None:
+            ax.plot(steps, raw[:, cls], color=colors(j % 10), ls=":", lw=1.2)
         if true_prior is not None:
             ax.axhline(true_prior[cls], color=colors(j % 10), ls="--", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("class probability")
-    ax.set_title("Prior estimate Q (solid) vs true unlabeled prior (dashed)"
-                 if true_prior is not None else "Prior estimate Q (true prior unknown)")
+    what = "EM estimate Q (solid), raw estimate (dotted)" if raw is not None else \
+        "Prior estimate Q (solid)"
+    ax.set_title(f"{what} vs true unlabeled prior (dashed)"
+                 if true_prior is not None else f"{what}; true prior unknown", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     if true_prior is not None:
         p = np.asarray(true_prior)
         m = p > 0
-        kl = (p[m] * np.log(p[m] / np.clip(q[:, m], 1e-12, None))).sum(1)
+        def kl(est):
+            return (p[m] * np.log(p[m] / np.clip(est[:, m], 1e-12, None))).sum(1)
         ax = axes[0, 1]
-        ax.plot(steps, kl, color="black")
+        ax.plot(steps, kl(q), color="black", label="Q (EM)" if raw is not None else "Q")
+        if raw is not None:
+            ax.plot(steps, kl(raw), color="black", ls=":", label="raw")
+            ax.legend(fontsize=8)
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("KL(true || Q)")
@@ -203,6 +215,11 @@ def write_report(run_dir: str, summary: dict, evals: list[dict], log: list[dict]
         f"| ECE (15 bins) | {_pct(summary['ece'])} % |",
         f"| MCE (15 bins) | {_pct(summary['mce'])} % |",
         f"| KL(true prior, estimate) | {'n/a' if kl is None else f'{kl:.4f}'} |",
+    ]
+    kl_raw = summary.get("prior_kl_raw")
+    if kl_raw is not None:  # prior_estimator "em": the raw estimator tracked beside it
+        lines.append(f"| KL(true prior, raw estimate) | {kl_raw:.4f} |")
+    lines += [
         "",
         "Evaluated on the EMA model's raw softmax. Split: "
         f"{int(sum(summary['lb_counts']))} labeled images "

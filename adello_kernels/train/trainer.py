@@ -167,7 +167,8 @@ def make_criterion(cfg: dict, prior_lb: torch.Tensor) -> ADELLOLoss | None:
         distill_start=cfg["distill_start"] if distill else NO_DISTILL,
         temperature=cfg["temperature"], lambda_u=cfg["lambda_u"],
         lambda_d=cfg["lambda_d"] if distill else 0.0, flexda=algo in ("adello", "flexda"),
-        sync_prior=True, backend=cfg["backend"], validate=False)
+        prior_estimator=cfg["prior_estimator"], sync_prior=True, backend=cfg["backend"],
+        validate=False)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -312,6 +313,12 @@ class Trainer:
                 self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         prior_lb = torch.tensor(self.split.prior_lb, dtype=torch.float32, device=self.device)
         self.crit = make_criterion(cfg, prior_lb)
+        # With prior_estimator "em", the released (raw) estimator is tracked beside Q for the
+        # report: the same EMA of this rank's raw weak-view softmax, from each optimizer step's
+        # last micro-batch. A diagnostic only: not checkpointed (a resumed run restarts it at Q).
+        self.prior_raw = None
+        if self.crit is not None and self.crit.prior_estimator == "em":
+            self.prior_raw = self.crit.prior_ulb.detach().clone()
         if self.crit is not None:
             self.crit.to(self.device)
         self.backend = backends.resolve_backend(cfg["backend"], self.device) \
@@ -438,6 +445,8 @@ class Trainer:
                                              "algorithm")
         if self.crit is not None:
             checkpoint.restore_module(self.crit, st["criterion"], "ADELLOLoss", path)
+            if self.prior_raw is not None:
+                self.prior_raw.copy_(self.crit.prior_ulb)
         try:
             self.opt.load_state_dict(st["optimizer"])
             self.lb_sampler.load_state_dict(st["samplers"]["lb"])
@@ -523,6 +532,8 @@ class Trainer:
                      .to(torch.float64).reshape(1),
                      self.crit.temperature.to(torch.float64).reshape(1),
                      self.crit.skipped_updates.to(torch.float64).reshape(1)]
+            if self.prior_raw is not None:
+                extra.append(self.prior_raw.to(torch.float64))
         allv = torch.cat([acc] + extra).tolist()
         vals = dict(zip(LOG_KEYS, allv[:N_LOG]))
         ok_steps, bad_steps, skipped, state_bad = allv[N_LOG:N_LOG + 4]
@@ -545,6 +556,8 @@ class Trainer:
             rec["alpha"] = _finite_or_none(rest[c])
             rec["temperature"] = _finite_or_none(rest[c + 1])
             rec["skipped_updates"] = int(rest[c + 2])
+            if self.prior_raw is not None:
+                rec["prior_ulb_raw"] = [_finite_or_none(v) for v in rest[c + 3:2 * c + 3]]
         # Under DDP a step counts as non-finite on any rank; skipped updates are the same on
         # every rank (the gradients are all-reduced).
         window_bad = int(round(bad_steps)) if w == 1 else min(self._log_steps,
@@ -616,6 +629,10 @@ class Trainer:
         prior = None if self.crit is None else self.crit.prior_ulb.tolist()
         m["prior_ulb"] = prior
         m["prior_kl"] = metrics.prior_kl(self.split.prior_ulb_true, prior)
+        if self.prior_raw is not None:
+            raw = self.prior_raw.tolist()
+            m["prior_ulb_raw"] = raw
+            m["prior_kl_raw"] = metrics.prior_kl(self.split.prior_ulb_true, raw)
         return m
 
     # -- the run ----------------------------------------------------------------------------
@@ -741,7 +758,8 @@ class Trainer:
             "top1": m["top1"], "balanced_acc": m["balanced_acc"], "ece": m["ece"],
             "mce": m["mce"], "per_class_acc": m["per_class_acc"], "prior_kl": m["prior_kl"],
             "steps": self.step, "seconds": self.elapsed, "stopped_early": stopped_early,
-            "prior_ulb": m["prior_ulb"],
+            "prior_ulb": m["prior_ulb"], "prior_estimator": self.cfg["prior_estimator"],
+            "prior_ulb_raw": m.get("prior_ulb_raw"), "prior_kl_raw": m.get("prior_kl_raw"),
             "prior_ulb_true": None if s.prior_ulb_true is None else s.prior_ulb_true.tolist(),
             "lb_counts": s.lb_counts.tolist(),
             "ulb_counts": None if s.ulb_counts is None else s.ulb_counts.tolist(),
