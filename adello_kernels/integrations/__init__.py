@@ -1,0 +1,2 @@
+"""Adapters to other training code bases (optional: importing `adello_kernels` never imports
+them or their dependencies)."""

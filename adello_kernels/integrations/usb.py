@@ -1,0 +1,160 @@
+"""`ADELLOLoss` inside the released ADELLO code (emasa/ADELLO-LTSSL, a fork of Microsoft USB
+0.3.0) and USB-style `train_step`s: the argument mapping and the step's outputs in their format.
+
+    crit = usb.adello_loss_from_args(args, lb_class_counts).to(device)   # args: their argparse
+    out_dict, log_dict = usb.train_step_outputs(crit, outputs, y_lb)      # outputs: model(x)
+
+Nothing here imports USB (`semilearn`): the functions take the released code's `args` (an
+argparse Namespace or a dict) and its model outputs, and return its shapes of results.
+
+The released algorithm is `imb_algorithm: adello` over `algorithm: fixmatch_distill`; its loss
+per step (its `FixMatchDistill.train_step` with the ADELLO losses and `ADELLOHook`) is what
+`ADELLOLoss` computes, with these arguments:
+
+| released argument (default) | ADELLOLoss |
+|---|---|
+| `p_cutoff` (0.95) | `threshold` |
+| `ulb_loss_ratio` (1.0) | `lambda_u` |
+| `lambda_distill` (1.0) | `lambda_d` (0 when neither `distill_complement` nor `distill_all`) |
+| `distill_complement` (True) | distillation on the rows below the threshold (the only mode) |
+| `distill_start_iter` (None = 0) | `distill_start` |
+| `distill_T` (None = 1), `imbalance_distill_with_warmup` (True) | `temperature` (below) |
+| `adello_alpha_min` (0.1), `adello_k` (2.0) | `alpha_min`, `power` |
+| `adello_ema_p` (0.999) | `prior_momentum` |
+| `num_train_iter` | `total_steps` |
+| labeled class counts (`lb_class_dist`) | `prior_lb` = counts / sum |
+
+`temperature` is 1.0 when `distill_T` is None (the released code then never reaches its
+imbalance-aware branch, whatever the warm-up flag says); "imbalance_aware" (T = exp(KL(U || Q))
+frozen at the first distilling step) when `distill_T` is set, the warm-up flag is on and
+`distill_start_iter` is set; else `distill_T`.
+
+Options of the released code that `ADELLOLoss` does not have yet are refused with a ValueError
+naming them (never silently dropped): `adello_mode="adello_gt"`, `adello_alpha_from_epoch=True`,
+`return_lb_in_ulb_mask=True` and `distill_all=True` without `distill_complement`.
+
+Two things the released code does differently, on purpose (docs/method.md, Deliberate
+differences): its prior `p_hat` is not in its checkpoints (a resumed run restarts it at uniform),
+while `crit.state_dict()` holds the prior, step and temperature -- put it into the released
+`get_save_dict()` and back with `crit.load_state_dict` in `load_model`, or a resumed run
+restarts alpha at 1 and the prior at uniform; and under DDP the batch prior is all-reduced.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Mapping, Union
+
+import torch
+
+from ..module import ADELLOLoss
+
+# The released argparse defaults (fixmatch_distill.py and adello.py get_argument()) of every
+# key the mapping reads; a config file or the command line overrides them.
+RELEASED_DEFAULTS = {
+    "p_cutoff": 0.95, "ulb_loss_ratio": 1.0, "lambda_distill": 1.0,
+    "distill_complement": True, "distill_all": False, "distill_start_iter": None,
+    "distill_T": None, "imbalance_distill_with_warmup": True,
+    "adello_mode": "adello", "adello_alpha_from_epoch": False, "adello_alpha_min": 0.1,
+    "adello_k": 2.0, "adello_ema_p": 0.999, "return_lb_in_ulb_mask": False,
+}
+
+Args = Union[argparse.Namespace, Mapping[str, Any]]
+
+
+def _get(args: Args, key: str):
+    d = vars(args) if isinstance(args, argparse.Namespace) else args
+    if key in d and d[key] is not None:
+        return d[key]
+    if key in RELEASED_DEFAULTS:
+        return RELEASED_DEFAULTS[key]
+    if key in d:
+        return None
+    raise ValueError(f"{key}: missing from args (the released code always sets it)")
+
+
+def adello_loss_kwargs(args: Args) -> dict:
+    """The `ADELLOLoss` keyword arguments (all but `prior_lb`) for the released code's args.
+    Raises ValueError naming any option that ADELLOLoss does not support yet."""
+    unsupported = {
+        "adello_mode": (lambda v: v != "adello", "only 'adello' (not 'adello_gt')"),
+        "adello_alpha_from_epoch": (bool, "only the per-iteration alpha schedule (False)"),
+        "return_lb_in_ulb_mask": (bool, "the prior update from truly unlabeled rows only"),
+    }
+    for key, (bad, what) in unsupported.items():
+        if bad(_get(args, key)):
+            raise ValueError(f"{key}={_get(args, key)!r}: not supported by ADELLOLoss yet ({what})")
+    complement, every_row = bool(_get(args, "distill_complement")), bool(_get(args, "distill_all"))
+    if every_row and not complement:
+        raise ValueError("distill_all=True: distillation on every row is not supported by "
+                         "ADELLOLoss yet (distill_complement=True distils the rows below "
+                         "the threshold)")
+    total = _get(args, "num_train_iter")
+    start = _get(args, "distill_start_iter")
+    start = 0 if start is None else int(start)
+    t = _get(args, "distill_T")
+    if t is None:
+        temperature = 1.0   # the released code's plain call: no temperature, warm-up flag unused
+    elif bool(_get(args, "imbalance_distill_with_warmup")) and \
+            _get(args, "distill_start_iter") is not None:
+        temperature = "imbalance_aware"
+    else:
+        temperature = float(t)
+    return dict(total_steps=int(total), alpha_min=float(_get(args, "adello_alpha_min")),
+                power=float(_get(args, "adello_k")), threshold=float(_get(args, "p_cutoff")),
+                prior_momentum=float(_get(args, "adello_ema_p")), distill_start=start,
+                temperature=temperature, lambda_u=float(_get(args, "ulb_loss_ratio")),
+                lambda_d=float(_get(args, "lambda_distill")) if complement else 0.0)
+
+
+def adello_loss_from_args(args: Args, lb_class_counts, **overrides) -> ADELLOLoss:
+    """`ADELLOLoss` configured as the released run `args` with labeled class counts
+    `lb_class_counts` ([C] counts or frequencies). `overrides` go to ADELLOLoss as they are
+    (e.g. backend="cpu", flexda=False with lambda_d=0.0 for USB's FixMatch, validate=True)."""
+    counts = torch.as_tensor(lb_class_counts, dtype=torch.float64).flatten()
+    if counts.numel() == 0 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) \
+            or float(counts.sum()) <= 0:
+        raise ValueError("lb_class_counts: expected non-negative finite class counts with a "
+                         "positive sum")
+    kw = adello_loss_kwargs(args)
+    kw.setdefault("validate", False)
+    kw.update(overrides)
+    return ADELLOLoss((counts / counts.sum()).float(), **kw)
+
+
+def train_step_outputs(crit: ADELLOLoss, outputs, y_lb: torch.Tensor, *, sync: bool = True):
+    """The released `train_step`'s results from one forward of cat(x_lb, x_ulb_w, x_ulb_s):
+    `outputs` is the model's dict (`outputs['logits']` [B + 2N, C], optional `outputs['feat']`)
+    or the logits tensor itself; `y_lb` [B]. Runs one `crit` step (its prior update included:
+    the released hooks read the prior as `crit.prior_ulb`, e.g. `get_p_hat = lambda:
+    crit.prior_ulb`) and returns
+    (out_dict, log_dict): out_dict = {'loss', 'feat'} (feat split as the released code does, or
+    None) and log_dict with the released keys, as Python floats when `sync` (one host sync, as
+    the released logging does) or as 0-d tensors otherwise."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
+    b = y_lb.shape[0]
+    if logits.dim() != 2 or (logits.shape[0] - b) <= 0 or (logits.shape[0] - b) % 2:
+        raise ValueError(f"outputs: expected logits of B + 2N rows for B = {b} labels, got shape "
+                         f"{tuple(logits.shape)}")
+    z_lb = logits[:b]
+    z_w, z_s = logits[b:].chunk(2)
+    alpha = crit.alpha()                      # this step's alpha_t (read before it advances)
+    out = crit(z_lb, y_lb, z_w.detach(), z_s)
+    feat = outputs.get("feat") if isinstance(outputs, Mapping) else None
+    feat_dict = None
+    if feat is not None:
+        f_w, f_s = feat[b:].chunk(2)
+        feat_dict = {"x_lb": feat[:b], "x_ulb_w": f_w, "x_ulb_s": f_s}
+    vals = {"train/sup_loss": out.loss_sup, "train/unsup_loss": out.loss_unsup,
+            "train/total_loss": out.loss.detach(), "train/util_ratio": out.mask.mean()}
+    if crit.lambda_d > 0:  # (0 before distill_start; the released code omits the keys then)
+        vals["train/distill_loss"] = out.loss_distill
+        vals["train/distill_util_ratio"] = (1.0 - out.mask).mean()
+        vals["train/distill_temperature"] = crit.temperature.detach()
+    if crit.flexda:
+        vals["train/cte_alpha"] = alpha
+    if sync:
+        keys = list(vals)
+        host = torch.stack([v.double().reshape(()) for v in vals.values()]).tolist()
+        vals = {k: (float(v) if math.isfinite(v) else v) for k, v in zip(keys, host)}
+    return {"loss": out.loss, "feat": feat_dict}, vals
