@@ -2,7 +2,8 @@
 // tensors and checks what the math guarantees, against plain at:: ops where a check needs values:
 //   - every gradient row sums to 0 (softmax - onehot, softmax(a/T) - q);
 //   - mask is 0/1 and equals [max softmax(z_w) >= tau]; pseudo-labels are the first argmax;
-//   - prior_batch sums to 1 and equals softmax(z_w).mean(0);
+//   - prior_batch sums to 1 and equals softmax(z_w).mean(0), or with the EM estimator
+//     (hparams[kHpPriorEm] != 0) softmax(z_w + du).mean(0);
 //   - L_s, L_u, L_d, the loss and both gradients equal a plain at:: computation;
 //   - results do not depend on the thread count (bitwise), every compiled instruction set agrees
 //     with the one in use, every dtype runs, and bad arguments are rejected.
@@ -35,9 +36,9 @@ struct Inputs {
 };
 
 // B labeled rows, N unlabeled pairs, C classes; half the weak rows get a dominant class so that
-// both M = 1 and M = 0 rows occur.
+// both M = 1 and M = 0 rows occur. em: the EM prior estimator (hparams slot kHpPriorEm).
 Inputs make_inputs(int64_t B, int64_t N, int64_t C, at::ScalarType dtype, double gate, double T,
-                   uint64_t seed) {
+                   uint64_t seed, double em = 0.0) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   Inputs in;
@@ -51,7 +52,13 @@ Inputs make_inputs(int64_t B, int64_t N, int64_t C, at::ScalarType dtype, double
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   in.ds = at::randn({C}, gen, f64).to(acc);
   in.du = at::randn({C}, gen, f64).to(acc);
-  in.hp = at::tensor({0.7, 1.3, gate, T}, f64).to(acc);
+  in.hp = at::empty({adello::kNumHParams}, f64);
+  in.hp[adello::kHpLambdaU] = 0.7;
+  in.hp[adello::kHpLambdaD] = 1.3;
+  in.hp[adello::kHpGate] = gate;
+  in.hp[adello::kHpTemperature] = T;
+  in.hp[adello::kHpPriorEm] = em;
+  in.hp = in.hp.to(acc);
   return in;
 }
 
@@ -71,6 +78,7 @@ void check_against_aten(const Inputs& in, double tau, const std::string& tag, do
   const double lu = hp[0].item<double>(), ld = hp[1].item<double>();
   const bool gate = hp[2].item<double>() != 0.0;
   const double T = hp[3].item<double>();
+  const bool em = hp[adello::kHpPriorEm].item<double>() != 0.0;
 
   auto x = in.zl.to(at::kDouble) + in.ds.to(at::kDouble);
   auto onehot_y = at::one_hot(in.y, C).to(at::kDouble);
@@ -104,7 +112,9 @@ void check_against_aten(const Inputs& in, double tau, const std::string& tag, do
   check(rel(terms[1], lu_want) <= loss_rtol, tag + ": L_u differs from at:: ops");
   check(rel(terms[2], ld_want) <= loss_rtol, tag + ": L_d differs from at:: ops");
   check(rel(loss, loss_want) <= loss_rtol, tag + ": loss differs from at:: ops");
-  check(max_abs(prior.to(at::kDouble) - pw.mean(0)) <= 1e-6, tag + ": prior_batch != mean pw");
+  auto want_prior = em ? at::softmax(w + in.du.to(at::kDouble), 1).mean(0) : pw.mean(0);
+  check(max_abs(prior.to(at::kDouble) - want_prior) <= 1e-6,
+        tag + (em ? ": prior_batch != mean softmax(z_w + du)" : ": prior_batch != mean pw"));
   check(std::abs(prior.to(at::kDouble).sum().item<double>() - 1.0) <= 1e-5,
         tag + ": prior_batch does not sum to 1");
   const double s_lb = max_abs(g_lb.to(at::kDouble).sum(1)), s_s = max_abs(g_s.to(at::kDouble).sum(1));
@@ -143,6 +153,7 @@ Outputs run_table(const adello::flexda_cpu::KernelTable& table, const Inputs& in
   args.lambda_d = hp[1].item<double>();
   args.gate = hp[2].item<double>() != 0.0;
   args.temperature = hp[3].item<double>();
+  args.prior_em = hp[adello::kHpPriorEm].item<double>() != 0.0;
   args.threshold = tau;
   args.loss = std::get<0>(out).data_ptr();
   args.terms = std::get<1>(out).data_ptr();
@@ -188,6 +199,13 @@ int main() {
     }
   }
   check_against_aten(make_inputs(9, 21, 100, at::kDouble, 1.0, 0.5, 3), tau, "fp64", 1e-12, 1e-14);
+  // The EM prior estimator, at vector tails and both accumulate dtypes.
+  for (int64_t C : {1, 7, 17, 127, 4097}) {
+    check_against_aten(make_inputs(5, 33, C, at::kFloat, 1.0, 2.0, 29 + C, 1.0), tau,
+                       "fp32 em C=" + std::to_string(C), 1e-5, 1e-6);
+  }
+  check_against_aten(make_inputs(9, 21, 100, at::kDouble, 1.0, 0.5, 3, 1.0), tau, "fp64 em",
+                     1e-12, 1e-14);
   check_against_aten(make_inputs(9, 21, 100, at::kBFloat16, 1.0, 1.0, 4), tau, "bf16", 1e-2, 2e-3);
   check_against_aten(make_inputs(9, 21, 100, at::kHalf, 1.0, 1.0, 5), tau, "fp16", 1e-2, 1e-3);
 
@@ -205,7 +223,7 @@ int main() {
 
   // Every compiled instruction set agrees with the generic build (fp32 and fp64).
   for (auto dtype : {at::kFloat, at::kDouble}) {
-    const auto in = make_inputs(40, 90, 131, dtype, 1.0, 2.0, 13);
+    const auto in = make_inputs(40, 90, 131, dtype, 1.0, 2.0, 13, 1.0);  // the EM prior too
     const auto ref = run_table(adello::flexda_cpu::kernels_generic(), in, tau);
     const std::string cap = at::get_cpu_capability();
     std::vector<std::pair<std::string, adello::flexda_cpu::KernelTable>> isas;
@@ -219,6 +237,8 @@ int main() {
             name + ": mask/pseudo-labels differ from the generic build");
       check(max_abs(std::get<1>(got).to(at::kDouble) - std::get<1>(ref).to(at::kDouble)) <= tol * 10,
             name + ": loss terms differ from the generic build");
+      check(max_abs(std::get<4>(got).to(at::kDouble) - std::get<4>(ref).to(at::kDouble)) <= tol,
+            name + ": prior_batch (EM) differs from the generic build");
       check(max_abs(std::get<5>(got).to(at::kDouble) - std::get<5>(ref).to(at::kDouble)) <= tol &&
                 max_abs(std::get<6>(got).to(at::kDouble) - std::get<6>(ref).to(at::kDouble)) <= tol,
             name + ": gradients differ from the generic build");
