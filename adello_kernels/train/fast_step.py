@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..ops.state import momentum_update
 from . import augment
 
 PHASES = ("sample_augment", "forward_backward", "optimizer_ema")
@@ -140,10 +141,8 @@ class StepRunner:
             out = tr.crit(z_l, y_lb, z_w.detach(), z_s, update=update)
             loss = out.loss
             if tr.prior_raw is not None and update:  # the raw estimator beside Q (trainer.py)
-                m = tr.crit.prior_momentum
                 raw = torch.softmax(z_w.detach().float(), -1).mean(0)
-                raw = torch.where(torch.isfinite(raw).all(), raw, tr.prior_raw)
-                tr.prior_raw.mul_(m).add_(raw, alpha=1.0 - m)
+                tr.prior_raw.copy_(momentum_update(tr.prior_raw, raw, tr.crit.prior_momentum)[0])
             known = (y_true >= 0).to(out.mask.dtype)
             hit = (out.pseudo_labels == y_true).to(out.mask.dtype)
             stats = [loss.detach(), out.loss_sup, out.loss_unsup, out.loss_distill,
