@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -168,7 +169,8 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
                 logits_ulb_s: torch.Tensor, prior_lb: torch.Tensor, prior_ulb: torch.Tensor,
                 alpha: Scalar, *, threshold: float = 0.95, lambda_u: float = 1.0,
                 lambda_d: float = 1.0, distill: Scalar = True, temperature: Scalar = 1.0,
-                eps: float = 1e-9, prior_estimator: str = "raw", backend: str = "auto",
+                eps: float = 1e-9, prior_estimator: str = "raw",
+                prior_target: Optional[torch.Tensor] = None, backend: str = "auto",
                 validate: bool = True) -> FlexDAOutput:
     """One ADELLO step (FlexDA + complementary consistency distillation), docs/method.md.
 
@@ -186,6 +188,9 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
         prior_estimator: what `prior_batch` averages: "raw" softmax(logits_ulb_w) (the released
                       method) or "em" softmax(logits_ulb_w + du), the weak posteriors adjusted
                       from the target prior Qa to Q (docs/method.md, Prior estimator)
+        prior_target: [C] fixed prior the target Qa is flattened from (the released
+                      "adello_gt" mode: the ground-truth unlabeled prior), or None (the
+                      default): Qa is flattened from prior_ulb (docs/method.md, Target prior)
         backend:      'auto', 'reference', 'cpu', 'cuda' or 'triton'
         validate:     also check values (label range, priors, tensor hyperparameters); each is a
                       host sync on a GPU, so pass False inside a captured/compiled step
@@ -201,6 +206,8 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
     c, device = logits_lb.shape[1], logits_lb.device
     check_prior("prior_lb", prior_lb, c, device, validate)
     check_prior("prior_ulb", prior_ulb, c, device, validate)
+    if prior_target is not None:
+        check_prior("prior_target", prior_target, c, device, validate)
     check_hyperparameters(alpha=alpha, threshold=threshold, lambda_u=lambda_u, lambda_d=lambda_d,
                           distill=distill, temperature=temperature, eps=eps, device=device,
                           validate=validate)
@@ -213,10 +220,11 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
         return flexda_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                 prior_ulb, alpha, threshold=threshold, lambda_u=lambda_u,
                                 lambda_d=lambda_d, distill=distill, temperature=temperature,
-                                eps=eps, prior_estimator=prior_estimator)
+                                eps=eps, prior_estimator=prior_estimator,
+                                prior_target=prior_target)
 
     acc = accumulate_dtype(logits_lb.dtype)
-    ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc)
+    ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc, prior_target)
     hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc,
                        prior_em=prior_estimator == "em")
     return fused_step(name, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ class ADELLOLoss(nn.Module):
         prior_lb:       [C] labeled class distribution (finite, non-negative, sums to 1)
         total_steps:    T_max of the alpha schedule
         alpha_min, power: alpha_t = 1 - (1 - alpha_min) * (t / T_max) ** power
+        alpha_epoch_steps: n >= 1; alpha advances once every n steps, alpha_t from
+                        floor(t / n) / floor(T_max / n) (n = the iterations per epoch is the
+                        released `adello_alpha_from_epoch=True`); 1 (default): per step
         threshold:      confidence threshold tau in (0, 1]
         prior_momentum: m in Q_t = m Q_{t-1} + (1 - m) mean_i softmax(z_w[i])
         distill_start:  t0; the distillation term counts from step t0 on
@@ -41,6 +45,10 @@ class ADELLOLoss(nn.Module):
                         the prior after that step's update (that step's loss uses it too)
         lambda_u, lambda_d: loss weights
         flexda:         False turns both logit adjustments off (FixMatch targets)
+        prior_target:   [C] fixed prior the target Qa = R^alpha / sum(R^alpha) is flattened
+                        from, e.g. the ground-truth unlabeled prior (the released "adello_gt"
+                        mode); Q is still estimated and still the numerator of du. None
+                        (default): R = Q, the running estimate
         prior_estimator: "raw" (the released method): Q tracks the EMA of softmax(z_w);
                         "em": of softmax(z_w + du), the weak posteriors adjusted from the
                         target prior Qa to Q (docs/method.md, Prior estimator)
@@ -57,6 +65,7 @@ class ADELLOLoss(nn.Module):
                  power: float = 2.0, threshold: float = 0.95, prior_momentum: float = 0.999,
                  distill_start: int = 0, temperature=1.0, lambda_u: float = 1.0,
                  lambda_d: float = 1.0, flexda: bool = True, prior_estimator: str = "raw",
+                 prior_target: Optional[torch.Tensor] = None, alpha_epoch_steps: int = 1,
                  sync_prior: bool = True, backend: str = "auto", validate: bool = True):
         super().__init__()
         if not isinstance(prior_lb, torch.Tensor) or prior_lb.dim() != 1 or prior_lb.numel() == 0:
@@ -65,6 +74,11 @@ class ADELLOLoss(nn.Module):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"total_steps: expected a positive int, got {total_steps!r}")
         self.total_steps = total_steps
+        if isinstance(alpha_epoch_steps, bool) or not isinstance(alpha_epoch_steps, int) \
+                or not 1 <= alpha_epoch_steps <= total_steps:
+            raise ValueError(f"alpha_epoch_steps: expected an int in [1, total_steps = "
+                             f"{total_steps}], got {alpha_epoch_steps!r}")
+        self.alpha_epoch_steps = alpha_epoch_steps
         self.alpha_min = _number("alpha_min", alpha_min, 0.0, 1.0)
         self.power = _number("power", power, 0.0, math.inf, lo_open=True)
         self.threshold = _number("threshold", threshold, 0.0, 1.0, lo_open=True)
@@ -92,6 +106,14 @@ class ADELLOLoss(nn.Module):
 
         c = prior_lb.shape[0]
         dev = prior_lb.device
+        if prior_target is not None:
+            if not isinstance(prior_target, torch.Tensor):
+                raise ValueError(f"prior_target: expected a [C] tensor or None, got "
+                                 f"{type(prior_target).__name__}")
+            check_prior("prior_target", prior_target, c, dev)
+            prior_target = prior_target.detach().to(torch.float32).clone()
+        # Configuration, not state: not saved (a resumed run is built with the same arguments).
+        self.register_buffer("prior_target", prior_target, persistent=False)
         self.register_buffer("prior_lb", prior_lb.detach().to(torch.float32).clone())
         self.register_buffer("prior_ulb", torch.full((c,), 1.0 / c, device=dev))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=dev))
@@ -118,11 +140,14 @@ class ADELLOLoss(nn.Module):
                 f"alpha_min={self.alpha_min}, power={self.power}, threshold={self.threshold}, "
                 f"prior_momentum={self.prior_momentum}, distill_start={self.distill_start}, "
                 f"temperature={t}, flexda={self.flexda}, "
-                f"prior_estimator={self.prior_estimator!r}, backend={self.backend!r}")
+                f"prior_estimator={self.prior_estimator!r}, "
+                f"prior_target={'None' if self.prior_target is None else 'fixed'}, "
+                f"alpha_epoch_steps={self.alpha_epoch_steps}, backend={self.backend!r}")
 
     def alpha(self) -> torch.Tensor:
         """alpha_t at the current step (a 0-d tensor on the module's device)."""
-        return alpha_schedule(self.step, self.total_steps, self.alpha_min, self.power)
+        return alpha_schedule(self.step, self.total_steps, self.alpha_min, self.power,
+                              self.alpha_epoch_steps)
 
     def _syncing(self) -> bool:
         """True when the batch prior is all-reduced across ranks before the update."""
@@ -181,8 +206,10 @@ class ADELLOLoss(nn.Module):
             # the EM estimator's adjusted posteriors need du, from the same float64 prologue).
             z_w = logits_ulb_w.detach().float()
             if self.prior_estimator == "em" and self.flexda:
-                alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
-                z_w = z_w + adjustments(self.prior_lb, q_prev, alpha, 1e-9, torch.float32)[1]
+                alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power,
+                                       self.alpha_epoch_steps)
+                z_w = z_w + adjustments(self.prior_lb, q_prev, alpha, 1e-9, torch.float32,
+                                        buffers["prior_target"])[1]
             batch_prior = self._global_mean(torch.softmax(z_w, dim=-1).mean(0), n)
             q_new, _ = momentum_update(q_prev, batch_prior, self.prior_momentum)
             c = self.num_classes
@@ -200,15 +227,16 @@ class ADELLOLoss(nn.Module):
         fused_update = update and pending == 0 and not syncing
         if backend == "reference":  # plain PyTorch end to end: what users run without kernels
             if self.flexda:
-                p_l, q = self.prior_lb, q_prev
-                alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power)
+                p_l, q, target = self.prior_lb, q_prev, buffers["prior_target"]
+                alpha = alpha_schedule(step, self.total_steps, self.alpha_min, self.power,
+                                       self.alpha_epoch_steps)
             else:
-                p_l, q, alpha = self._uniform, self._uniform, 1.0
+                p_l, q, target, alpha = self._uniform, self._uniform, None, 1.0
             out = flexda_loss(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, p_l, q, alpha,
                               threshold=self.threshold, lambda_u=self.lambda_u,
                               lambda_d=self.lambda_d, distill=step >= self.distill_start,
                               temperature=temperature, prior_estimator=self.prior_estimator,
-                              backend=backend, validate=False)
+                              prior_target=target, backend=backend, validate=False)
         else:
             # Every fused backend: one op for the whole step (prologue from the state, rows,
             # reduce and, unless the batch prior must first be all-reduced, the prior/step
@@ -219,7 +247,8 @@ class ADELLOLoss(nn.Module):
                     step_buf, buffers["skipped_updates"], temperature, self.total_steps,
                     self.alpha_min, self.power, self.distill_start, self.lambda_u,
                     self.lambda_d, 1e-9, self.flexda, self.threshold, self.prior_momentum,
-                    fused_update, self.prior_estimator == "em")
+                    fused_update, self.prior_estimator == "em", buffers["prior_target"],
+                    self.alpha_epoch_steps)
             out = FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                                prior_batch)
 

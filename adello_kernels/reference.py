@@ -12,7 +12,8 @@ Notation (docs/method.md, Notation):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,37 +51,51 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def alpha_schedule(step, total_steps: int, alpha_min: float = 0.1, power: float = 2.0):
-    """Progressive exponent alpha_t = 1 - (1 - alpha_min) * (t / T_max) ** power.
+def alpha_schedule(step, total_steps: int, alpha_min: float = 0.1, power: float = 2.0,
+                   epoch_steps: int = 1):
+    """Progressive exponent alpha_t = 1 - (1 - alpha_min) * (u / U) ** power, with
+    u = floor(t / n) and U = floor(T_max / n) for n = `epoch_steps` (docs/method.md, Alpha
+    schedule): n = 1 is the per-step schedule u / U = t / T_max; n = the iterations per epoch is
+    the released `adello_alpha_from_epoch=True` schedule, constant within an epoch.
 
     `step` may be a Python number (returns a float) or a tensor (returns a tensor on its device,
-    no host sync). t / T_max is clamped to [0, 1], so training past T_max keeps alpha_min.
+    no host sync). u / U is clamped to [0, 1], so training past T_max keeps alpha_min.
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if epoch_steps < 1 or epoch_steps > total_steps:
+        raise ValueError(f"epoch_steps must lie in [1, total_steps = {total_steps}], got "
+                         f"{epoch_steps}")
+    epochs = total_steps // epoch_steps
     if isinstance(step, torch.Tensor):
-        frac = (step.to(torch.float64) / total_steps).clamp(0.0, 1.0)
+        u = step if epoch_steps == 1 else torch.div(step, epoch_steps, rounding_mode="floor")
+        frac = (u.to(torch.float64) / epochs).clamp(0.0, 1.0)
         return 1.0 - (1.0 - alpha_min) * frac.pow(power)
-    frac = min(max(float(step) / total_steps, 0.0), 1.0)
+    u = float(step) if epoch_steps == 1 else float(math.floor(float(step) / epoch_steps))
+    frac = min(max(u / epochs, 0.0), 1.0)
     return 1.0 - (1.0 - alpha_min) * frac**power
 
 
 def logit_adjustments(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar,
-                      eps: float = 1e-9, dtype: torch.dtype = torch.float64):
+                      eps: float = 1e-9, dtype: torch.dtype = torch.float64,
+                      prior_target: Optional[torch.Tensor] = None):
     """The two [C] adjustment vectors of one step, computed in `dtype` from the prior before
     this step's update (Q_{t-1}):
 
-        Qa = Q**alpha / sum(Q**alpha)                 the flexible target prior
+        Qa = R**alpha / sum(R**alpha)                 the flexible target prior
         ds = log(P_L + eps) - log(Qa + eps)           added to the labeled logits
         du = log(Q + eps)   - log(Qa + eps)           added to the strong-view logits
 
-    Q**alpha follows torch.pow: 0**0 = 1, so alpha = 0 gives the uniform target even where Q
-    has zero entries.
+    R is the prior the target is flattened from: Q itself (the default, the released "adello"
+    mode), or a fixed `prior_target` (e.g. the ground-truth unlabeled prior: the released
+    "adello_gt" mode; Q stays the numerator of du). R**alpha follows torch.pow: 0**0 = 1, so
+    alpha = 0 gives the uniform target even where R has zero entries.
     """
     p_l = prior_lb.to(dtype)
     q = prior_ulb.to(dtype)
+    r = q if prior_target is None else prior_target.to(device=q.device, dtype=dtype)
     a = alpha.to(device=q.device, dtype=dtype) if isinstance(alpha, torch.Tensor) else float(alpha)
-    q_alpha = q.pow(a)
+    q_alpha = r.pow(a)
     qa = q_alpha / q_alpha.sum()
     log_qa = torch.log(qa + eps)
     ds = torch.log(p_l + eps) - log_qa
@@ -89,10 +104,11 @@ def logit_adjustments(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Sc
 
 
 def adjustments(prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar, eps: float,
-                dtype: torch.dtype):
+                dtype: torch.dtype, prior_target: Optional[torch.Tensor] = None):
     """(ds, du) as every path of the project builds them (docs/contract.md, Precision): computed
     in float64 from the priors, then rounded once to `dtype` (the accumulate dtype)."""
-    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=torch.float64)
+    ds, du = logit_adjustments(prior_lb, prior_ulb, alpha, eps, dtype=torch.float64,
+                               prior_target=prior_target)
     return ds.to(dtype), du.to(dtype)
 
 
@@ -113,7 +129,8 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                      prior_lb: torch.Tensor, prior_ulb: torch.Tensor, alpha: Scalar, *,
                      threshold: float = 0.95, lambda_u: float = 1.0, lambda_d: float = 1.0,
                      distill: Scalar = True, temperature: Scalar = 1.0,
-                     eps: float = 1e-9, prior_estimator: str = "raw") -> FlexDAOutput:
+                     eps: float = 1e-9, prior_estimator: str = "raw",
+                     prior_target: Optional[torch.Tensor] = None) -> FlexDAOutput:
     """One ADELLO step in plain PyTorch (no input validation: see `flexda_loss`).
 
     Args: as `adello_kernels.flexda_loss`. Returns a `FlexDAOutput` whose `loss` is
@@ -123,7 +140,7 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     z_l = logits_lb.to(acc)
     z_w = logits_ulb_w.detach().to(acc)            # stop-gradient on the weak view
     z_s = logits_ulb_s.to(acc)
-    ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc)
+    ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc, prior_target)
 
     # Supervised loss, generalised logit adjustment: L_s = mean_b CE(y_b, softmax(z_l[b] + ds)).
     x = z_l + ds

@@ -18,6 +18,7 @@
 //     recorded.
 //   - create_graph=True: refused (the saved gradients are values, so a graph of this backward
 //     would carry a second derivative of 0).
+#include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -34,8 +35,9 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 using StepFn = Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                        const at::Tensor&, int64_t, double, double, int64_t, double, double,
-                       double, bool, double, double, bool, bool);
-constexpr size_t kNumInputs = 21;  // tensors and scalars of the schema, in order
+                       double, bool, double, double, bool, bool,
+                       const std::optional<at::Tensor>&, int64_t);
+constexpr size_t kNumInputs = 23;  // tensors and scalars of the schema, in order
 constexpr size_t kLogitsLb = 0, kLogitsUlbS = 3;
 
 // True for an ordinary tensor of a real device: no tracing (Python / functionalization / fake)
@@ -58,7 +60,8 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
       at::Tensor step, at::Tensor skipped_updates, const at::Tensor& temperature,
       int64_t total_steps, double alpha_min, double power, int64_t distill_start,
       double lambda_u, double lambda_d, double eps, bool flexda, double threshold,
-      double prior_momentum, bool update, bool prior_em) {
+      double prior_momentum, bool update, bool prior_em,
+      const std::optional<at::Tensor>& prior_target, int64_t alpha_epoch_steps) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adello::flexda_step", "")
                                .typed<StepFn>();
@@ -68,7 +71,7 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
       out = op.call(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
                     skipped_updates, temperature, total_steps, alpha_min, power, distill_start,
                     lambda_u, lambda_d, eps, flexda, threshold, prior_momentum, update,
-                    prior_em);
+                    prior_em, prior_target, alpha_epoch_steps);
     }
     if (update) {
       for (const at::Tensor* s : {&prior_ulb, &step, &skipped_updates}) {
@@ -122,11 +125,13 @@ Outputs flexda_step_autograd(const at::Tensor& logits_lb, const at::Tensor& labe
                              int64_t total_steps, double alpha_min, double power,
                              int64_t distill_start, double lambda_u, double lambda_d, double eps,
                              bool flexda, double threshold, double prior_momentum, bool update,
-                             bool prior_em) {
+                             bool prior_em, const std::optional<at::Tensor>& prior_target,
+                             int64_t alpha_epoch_steps) {
   const auto out = FlexdaStep::apply(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                      prior_ulb, step, skipped_updates, temperature, total_steps,
                                      alpha_min, power, distill_start, lambda_u, lambda_d, eps,
-                                     flexda, threshold, prior_momentum, update, prior_em);
+                                     flexda, threshold, prior_momentum, update, prior_em,
+                                     prior_target, alpha_epoch_steps);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 

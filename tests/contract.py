@@ -379,25 +379,31 @@ class StepConfig:
     threshold: float = 0.9
     prior_momentum: float = 0.7
     prior_em: bool = False
+    gt_target: bool = False      # a fixed target prior (the released "adello_gt" mode)
+    alpha_epoch_steps: int = 1   # alpha per epoch of this many steps (1: per step)
 
-    def op_tail(self, update: bool):
-        """The op's scalar arguments after `temperature`, in schema order."""
+    def op_tail(self, update: bool, prior_target=None):
+        """The op's arguments after `temperature`, in schema order (`prior_target`: the fixed
+        target prior of a gt_target config)."""
         return [self.total_steps, self.alpha_min, self.power, self.distill_start, self.lambda_u,
                 self.lambda_d, self.eps, self.flexda, self.threshold, self.prior_momentum, update,
-                self.prior_em]
+                self.prior_em, prior_target, self.alpha_epoch_steps]
 
 
 def step_fwd_args(z_l, y, z_w, z_s, prior_lb, prior_ulb, t: int, temperature: float,
-                  cfg: StepConfig):
+                  cfg: StepConfig, prior_target=None):
     """The `flexda_fwd` arguments one step at state (Q = prior_ulb, step t, T) stands for:
-    alpha_t from the schedule, ds, du in float64 rounded once to acc (zero without flexda), the
-    gate [t >= distill_start], the prior estimator -- the prologue of docs/contract.md, from
-    host values."""
+    alpha_t from the schedule (per epoch of cfg.alpha_epoch_steps), ds, du in float64 rounded
+    once to acc (zero without flexda; Qa from `prior_target` when given), the gate
+    [t >= distill_start], the prior estimator -- the prologue of docs/contract.md, from host
+    values."""
     acc = accumulate_dtype(z_l.dtype)
     c = z_l.shape[1]
     if cfg.flexda:
-        alpha = alpha_schedule(t, cfg.total_steps, cfg.alpha_min, cfg.power)
-        ds, du = adjustments(prior_lb.cpu(), prior_ulb.cpu(), alpha, cfg.eps, acc)
+        alpha = alpha_schedule(t, cfg.total_steps, cfg.alpha_min, cfg.power,
+                               cfg.alpha_epoch_steps)
+        ds, du = adjustments(prior_lb.cpu(), prior_ulb.cpu(), alpha, cfg.eps, acc,
+                             None if prior_target is None else prior_target.cpu())
     else:
         ds = du = torch.zeros(c, dtype=acc)
     hp = hparams_tensor(cfg.lambda_u, cfg.lambda_d, t >= cfg.distill_start, temperature, acc,

@@ -137,7 +137,8 @@ TORCH_LIBRARY(adello_cuda_emu, m) {
         "Tensor logits_ulb_s, Tensor prior_lb, Tensor(a!) prior_ulb, Tensor(b!) step, "
         "Tensor(c!) skipped_updates, Tensor temperature, int total_steps, float alpha_min, "
         "float power, int distill_start, float lambda_u, float lambda_d, float eps, bool flexda, "
-        "float threshold, float prior_momentum, bool update, bool prior_em=False) -> (Tensor loss, "
+        "float threshold, float prior_momentum, bool update, bool prior_em=False, "
+        "Tensor? prior_target=None, int alpha_epoch_steps=1) -> (Tensor loss, "
         "Tensor loss_sup, Tensor loss_unsup, Tensor loss_distill, Tensor mask, "
         "Tensor pseudo_labels, Tensor prior_batch, Tensor grad_lb, Tensor grad_ulb_s)",
         &adello::flexda_step_cuda);

@@ -427,6 +427,12 @@ STEP_VARIANTS = {  # name: (dtype, StepConfig overrides, T)
     "fp64-flexda-T2": (torch.float64, dict(threshold=0.6, lambda_d=0.0), 2.0),
     "fp32-flexda-T0.8-em": (torch.float32, dict(prior_em=True), 0.8),
     "fp16-noflexda-T1-em": (torch.float16, dict(flexda=False, prior_em=True), 1.0),
+    # the released options: a fixed target prior ("adello_gt"), alpha by epoch
+    "fp32-flexda-T1-gt-epoch3": (torch.float32, dict(gt_target=True, alpha_epoch_steps=3), 1.0),
+    # (T exact in fp32: the op reads the fp32 temperature buffer, the reference the float)
+    "fp64-flexda-T0.625-gt-em-epoch2": (torch.float64, dict(gt_target=True, prior_em=True,
+                                                            alpha_epoch_steps=2), 0.625),
+    "bf16-flexda-T1-epoch4": (torch.bfloat16, dict(alpha_epoch_steps=4), 1.0),
 }
 STEP_SHAPES = {"cpu": (33, 70, 257), "cuda": (5, 12, 130), "triton": (6, 10, 37)}
 
@@ -446,6 +452,10 @@ def test_step_op_over_several_steps(backend, variant):
     cfg = K.StepConfig(distill_start=t0 + 1, **overrides)
     p_l = K.random_prior(c, gen, zeros=True)
     q = K.random_prior(c, gen, zeros=True)
+    # (a fixed target prior far from Q, zeros included, so that Qa from it differs visibly)
+    p_t = K.random_prior(c, gen, zeros=True).pow(3) if cfg.gt_target else None
+    if p_t is not None:
+        p_t = p_t / p_t.sum()
     step = torch.tensor(t0, dtype=torch.int64)
     skipped = torch.tensor(0, dtype=torch.int64)
     temp = torch.tensor(temperature, dtype=torch.float32)
@@ -458,12 +468,12 @@ def test_step_op_over_several_steps(backend, variant):
         if bad_label:
             y[b // 3] = c
         q_prev, t_prev, skipped_prev = q.clone(), int(step), int(skipped)
-        args = K.step_fwd_args(z_l, y, z_w, z_s, p_l, q_prev, t_prev, temperature, cfg)
+        args = K.step_fwd_args(z_l, y, z_w, z_s, p_l, q_prev, t_prev, temperature, cfg, p_t)
         zl, zs = z_l.clone(), z_s.clone()
         if be.step_differentiable:
             zl.requires_grad_()
             zs.requires_grad_()
-        out = be.step(zl, y, z_w, zs, p_l, q, step, skipped, temp, *cfg.op_tail(update))
+        out = be.step(zl, y, z_w, zs, p_l, q, step, skipped, temp, *cfg.op_tail(update, p_t))
         assert len(out) == 9, what
         got = K.step_outputs_as_fwd([x.detach() for x in out])
         if nan_row:

@@ -72,6 +72,8 @@ BAD_KEYWORD = [
     ("eps", 0.0), ("eps", 0.5),
     ("backend", "gpu"), ("backend", None),
     ("prior_estimator", "EM"), ("prior_estimator", True),
+    ("prior_target", torch.full((4,), 0.25)), ("prior_target", torch.full((5,), 0.5)),
+    ("prior_target", [0.2] * 5),
 ]
 
 

@@ -98,12 +98,98 @@ def test_temperature_and_distillation_switches():
     assert usb.adello_loss_kwargs({**base, "lambda_distill": 0.3})["lambda_d"] == 0.3
 
 
-@pytest.mark.parametrize("key,value", [("adello_mode", "adello_gt"),
-                                       ("adello_alpha_from_epoch", True),
-                                       ("return_lb_in_ulb_mask", True)])
+@pytest.mark.parametrize("key,value", [("return_lb_in_ulb_mask", True),
+                                       ("adello_mode", "udal")])
 def test_options_not_supported_yet_are_refused_by_name(key, value):
     with pytest.raises(ValueError, match=f"^{key}"):
         usb.adello_loss_kwargs({**SHARED, key: value})
+
+
+def test_alpha_from_epoch_maps_to_the_epoch_schedule():
+    """adello_alpha_from_epoch=True: alpha from it // n over num_train_iter // n with
+    n = num_train_iter // epoch (USB's num_iter_per_epoch), constant within an epoch."""
+    args = dict(SHARED, num_train_iter=100, epoch=7, adello_alpha_from_epoch=True)
+    kw = usb.adello_loss_kwargs(args)
+    assert kw["alpha_epoch_steps"] == 14
+    assert usb.adello_loss_kwargs(SHARED)["alpha_epoch_steps"] == 1
+    crit = usb.adello_loss_from_args(args, [3, 2, 1])
+    for t in (0, 13, 14, 27, 28, 97, 98, 99):
+        crit.step.fill_(t)
+        want = 1.0 - 0.9 * ((t // 14) / (100 // 14)) ** 2        # the released formula
+        assert float(crit.alpha()) == pytest.approx(want, abs=1e-12), t
+    for bad in (0, 101, 2.5, None):
+        with pytest.raises(ValueError, match="^epoch"):
+            usb.adello_loss_kwargs({**args, "epoch": bad})
+
+
+def test_adello_gt_takes_the_unlabeled_class_counts_as_target():
+    args = dict(SHARED, adello_mode="adello_gt")
+    crit = usb.adello_loss_from_args(args, [6, 3, 1], ulb_class_counts=[1, 1, 2])
+    torch.testing.assert_close(crit.prior_target, torch.tensor([0.25, 0.25, 0.5]))
+    with pytest.warns(UserWarning, match="labeled prior"):      # the released fallback
+        crit = usb.adello_loss_from_args(args, [6, 3, 1])
+    torch.testing.assert_close(crit.prior_target, crit.prior_lb)
+    assert usb.adello_loss_from_args(SHARED, [6, 3, 1]).prior_target is None
+    with pytest.raises(ValueError, match="^ulb_class_counts"):
+        usb.adello_loss_from_args(SHARED, [6, 3, 1], ulb_class_counts=[1, 1, 1])
+    with pytest.raises(ValueError, match="^ulb_class_counts"):
+        usb.adello_loss_from_args(args, [6, 3, 1], ulb_class_counts=[1, 1])
+    with pytest.raises(ValueError, match="^ulb_class_counts"):
+        usb.adello_loss_from_args(args, [6, 3, 1], ulb_class_counts=[0, 0, 0])
+
+
+def released_step(z_l, y, z_w, z_s, p_data, p_hat, p_target, it, args):
+    """One step of the released losses written from their equations in float64 (its
+    FlexDASupervisedLoss / FlexDAConsistencyLoss with adello_mode, adello_alpha_from_epoch,
+    and fixmatch_distill's complement distillation at T = 1): (total loss, next p_hat)."""
+    eps, total = 1e-9, args["num_train_iter"]
+    if args.get("adello_alpha_from_epoch"):
+        n_ep = total // args["epoch"]
+        u, big_u = it // n_ep, total // n_ep
+    else:
+        u, big_u = it, total
+    a = 1.0 - (1.0 - args["adello_alpha_min"]) * (u / big_u) ** args["adello_k"]
+    tgt = p_hat if p_target is None else p_target
+    tgt = tgt ** a / (tgt ** a).sum()
+    sup = torch.nn.functional.cross_entropy(z_l + torch.log((p_data + eps) / (tgt + eps)), y)
+    probs = torch.softmax(z_w, -1)
+    conf, yhat = probs.max(-1)
+    mask = (conf >= args["p_cutoff"]).double()
+    adj = z_s + torch.log((p_hat + eps) / (tgt + eps))
+    unsup = (torch.nn.functional.cross_entropy(adj, yhat, reduction="none") * mask).mean()
+    loss = sup + args["ulb_loss_ratio"] * unsup
+    if it >= (args.get("distill_start_iter") or 0):
+        soft = -(probs * torch.log_softmax(adj, -1)).sum(-1)
+        loss = loss + (soft * (1 - mask)).mean()
+    m = args.get("adello_ema_p", 0.999)
+    return loss, m * p_hat + (1 - m) * probs.mean(0)
+
+
+@pytest.mark.parametrize("backend", [b for b in ak.available_backends() if b != "triton"])
+@pytest.mark.parametrize("mode,from_epoch", [("adello", True), ("adello_gt", False),
+                                             ("adello_gt", True)])
+def test_released_options_match_the_released_equations(backend, mode, from_epoch):
+    """adello_gt and adello_alpha_from_epoch through the adapter, several steps against the
+    released losses written from their equations (float64 loop): loss and prior trajectory."""
+    c, b, n = 6, 5, 16
+    args = dict(SHARED, num_train_iter=12, epoch=4, adello_alpha_from_epoch=from_epoch,
+                adello_mode=mode, distill_start_iter=3, adello_ema_p=0.8, p_cutoff=0.6)
+    lb, ulb = [9, 6, 4, 3, 2, 1], [1, 2, 3, 5, 8, 13]
+    crit = usb.adello_loss_from_args(args, lb, ulb if mode == "adello_gt" else None,
+                                     backend=backend)
+    p_data = torch.tensor(lb, dtype=torch.float64) / sum(lb)
+    p_target = torch.tensor(ulb, dtype=torch.float64) / sum(ulb) if mode == "adello_gt" else None
+    p_hat = torch.full((c,), 1.0 / c, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    for it in range(12):
+        z = torch.randn(b + 2 * n, c, generator=gen) * 3
+        y = torch.randint(0, c, (b,), generator=gen)
+        out = crit(z[:b], y, z[b:b + n], z[b + n:])
+        zd = z.double()
+        want, p_hat = released_step(zd[:b], y, zd[b:b + n], zd[b + n:], p_data, p_hat,
+                                    p_target, it, args)
+        assert float(out.loss) == pytest.approx(float(want), rel=2e-5, abs=1e-5), it
+        torch.testing.assert_close(crit.prior_ulb.double(), p_hat, rtol=0, atol=2e-6)
 
 
 def test_distill_all_without_complement_is_refused():

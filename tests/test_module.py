@@ -18,8 +18,9 @@ def batches(steps, b, n, c, seed=0, dtype=torch.float32, scale=4.0):
 
 
 def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0, flexda=True,
-                momentum=0.999, **kw):
+                momentum=0.999, alpha_epoch_steps=1, **kw):
     """docs/method.md step by step in float64, written independently of ADELLOLoss."""
+    target = kw.pop("prior_target", None)
     c = prior_lb.shape[0]
     q = torch.full((c,), 1.0 / c, dtype=torch.float64)
     uniform = q.clone()
@@ -27,13 +28,15 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
     outs = []
     for t, (z_l, y, z_w, z_s) in enumerate(data):
         gate = t >= distill_start
-        alpha = alpha_schedule(t, total_steps) if flexda else 1.0
+        u, epochs = t // alpha_epoch_steps, total_steps // alpha_epoch_steps
+        alpha = 1.0 - 0.9 * min(u / epochs, 1.0) ** 2 if flexda else 1.0
         p_l, p_u = (prior_lb.double(), q) if flexda else (uniform, uniform)
+        r = target.double() if (flexda and target is not None) else p_u   # Qa's source
         pw = torch.softmax(z_w.double(), -1)
         if kw.get("prior_estimator") == "em":
             # the posteriors adjusted from the target prior Qa to Q (Saerens et al. 2002):
             # reweighted per class by (Q + eps) / (Qa + eps), renormalised per row
-            qa = p_u.pow(alpha) / p_u.pow(alpha).sum()
+            qa = r.pow(alpha) / r.pow(alpha).sum()
             pw = pw * ((p_u + 1e-9) / (qa + 1e-9))
             pw = pw / pw.sum(-1, keepdim=True)
         pb = pw.mean(0)
@@ -46,7 +49,7 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
             temp = temperature
         a, s = z_l.double().requires_grad_(), z_s.double().requires_grad_()
         out = flexda_reference(a, y, z_w.double(), s, p_l, p_u, alpha, distill=gate,
-                               temperature=temp, **kw)
+                               temperature=temp, prior_target=r, **kw)
         outs.append((out, torch.autograd.grad(out.loss, (a, s))))
         q = q_next
     return outs, q, t_frozen
@@ -65,6 +68,12 @@ BACKENDS = [b for b in ak.available_backends() if b != "triton"]
     dict(momentum=0.5, prior_estimator="em"),
     dict(momentum=0.5, prior_estimator="em", distill_start=2, temperature="imbalance_aware"),
     dict(momentum=0.5, prior_estimator="em", flexda=False),
+    # the released options: a fixed target prior (adello_gt), alpha by epoch
+    dict(momentum=0.8, gt=True),
+    dict(momentum=0.8, alpha_epoch_steps=3, distill_start=2, temperature=0.7),
+    dict(momentum=0.5, gt=True, alpha_epoch_steps=2, prior_estimator="em", distill_start=2,
+         temperature="imbalance_aware"),
+    dict(gt=True, flexda=False),
 ])
 def test_steps_match_manual_loop(kw, backend):
     kw = dict(kw)
@@ -73,6 +82,9 @@ def test_steps_match_manual_loop(kw, backend):
     gen = torch.Generator().manual_seed(1)
     prior_lb = torch.rand(c, generator=gen) + 0.1
     prior_lb /= prior_lb.sum()
+    if kw.pop("gt", False):
+        target = torch.rand(c, generator=gen) ** 4
+        kw["prior_target"] = target / target.sum()
     data = batches(6, 7, 11, c, scale=6.0)
     crit = ak.ADELLOLoss(prior_lb, total, prior_momentum=momentum, backend=backend, **kw)
     want, q, t_frozen = manual_loop(prior_lb, data, total, momentum=momentum, **kw)
@@ -208,6 +220,12 @@ BAD_CONSTRUCTOR = [
     ("backend", dict(backend="fast")),
     ("prior_estimator", dict(prior_estimator="EM")),
     ("prior_estimator", dict(prior_estimator=None)),
+    ("prior_target", dict(prior_target=torch.tensor([0.7, 0.7]))),
+    ("prior_target", dict(prior_target=torch.tensor([1.0]))),
+    ("prior_target", dict(prior_target=[0.5, 0.5])),
+    ("alpha_epoch_steps", dict(alpha_epoch_steps=0)),
+    ("alpha_epoch_steps", dict(alpha_epoch_steps=11)),
+    ("alpha_epoch_steps", dict(alpha_epoch_steps=2.0)),
 ]
 
 
@@ -224,6 +242,18 @@ def test_alpha_follows_the_schedule():
     assert float(crit.alpha()) == 1.0
     crit.step.fill_(5)
     assert float(crit.alpha()) == pytest.approx(alpha_schedule(5, 10))
+
+
+def test_alpha_by_epoch_is_constant_within_an_epoch():
+    """alpha_epoch_steps = 4 over 10 steps: epochs of 4 steps, U = 2; alpha_min from step 8 on."""
+    crit = ak.ADELLOLoss(torch.tensor([0.5, 0.5]), 10, alpha_epoch_steps=4, backend="reference")
+    got = []
+    for t in range(12):
+        crit.step.fill_(t)
+        got.append(float(crit.alpha()))
+    want = [1.0] * 4 + [1.0 - 0.9 * 0.25] * 4 + [0.1] * 4
+    assert got == pytest.approx(want, abs=1e-12)
+    assert alpha_schedule(torch.tensor(5), 10, epoch_steps=4).item() == pytest.approx(want[5])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

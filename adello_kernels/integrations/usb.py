@@ -20,6 +20,8 @@ per step (its `FixMatchDistill.train_step` with the ADELLO losses and `ADELLOHoo
 | `distill_start_iter` (None = 0) | `distill_start` |
 | `distill_T` (None = 1), `imbalance_distill_with_warmup` (True) | `temperature` (below) |
 | `adello_alpha_min` (0.1), `adello_k` (2.0) | `alpha_min`, `power` |
+| `adello_alpha_from_epoch` (False) | `alpha_epoch_steps` = `num_train_iter // epoch` when True, else 1 |
+| `adello_mode` ("adello") | "adello_gt": `prior_target` = the unlabeled class counts' prior |
 | `adello_ema_p` (0.999) | `prior_momentum` |
 | `num_train_iter` | `total_steps` |
 | labeled class counts (`lb_class_dist`) | `prior_lb` = counts / sum |
@@ -29,9 +31,12 @@ imbalance-aware branch, whatever the warm-up flag says); "imbalance_aware" (T = 
 frozen at the first distilling step) when `distill_T` is set, the warm-up flag is on and
 `distill_start_iter` is set; else `distill_T`.
 
-Options of the released code that `ADELLOLoss` does not have yet are refused with a ValueError
-naming them (never silently dropped): `adello_mode="adello_gt"`, `adello_alpha_from_epoch=True`,
-`return_lb_in_ulb_mask=True` and `distill_all=True` without `distill_complement`.
+`adello_mode="adello_gt"` needs the unlabeled class counts (`ulb_class_counts`, what the
+released `compute_unlabeled_prior` counts from `dataset_dict['train_ulb'].targets`); without
+them the released code falls back to the labeled prior as the target, and so does this (with a
+warning). Options of the released code that `ADELLOLoss` does not have yet are refused with a
+ValueError naming them (never silently dropped): `return_lb_in_ulb_mask=True` and
+`distill_all=True` without `distill_complement`.
 
 Two things the released code does differently, on purpose (docs/method.md, Deliberate
 differences): its prior `p_hat` is not in its checkpoints (a resumed run restarts it at uniform),
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from typing import Any, Mapping, Union
 
 import torch
@@ -76,9 +82,11 @@ def _get(args: Args, key: str):
 def adello_loss_kwargs(args: Args) -> dict:
     """The `ADELLOLoss` keyword arguments (all but `prior_lb`) for the released code's args.
     Raises ValueError naming any option that ADELLOLoss does not support yet."""
+    mode = _get(args, "adello_mode")
+    if mode not in ("adello", "adello_gt"):
+        raise ValueError(f"adello_mode={mode!r}: expected 'adello' or 'adello_gt' (the released "
+                         "modes)")
     unsupported = {
-        "adello_mode": (lambda v: v != "adello", "only 'adello' (not 'adello_gt')"),
-        "adello_alpha_from_epoch": (bool, "only the per-iteration alpha schedule (False)"),
         "return_lb_in_ulb_mask": (bool, "the prior update from truly unlabeled rows only"),
     }
     for key, (bad, what) in unsupported.items():
@@ -90,6 +98,15 @@ def adello_loss_kwargs(args: Args) -> dict:
                          "ADELLOLoss yet (distill_complement=True distils the rows below "
                          "the threshold)")
     total = _get(args, "num_train_iter")
+    epoch_steps = 1
+    if bool(_get(args, "adello_alpha_from_epoch")):
+        # the released schedule: alpha from it // n over num_train_iter // n, n the iterations
+        # per epoch as USB's AlgorithmBase counts them (num_train_iter // epoch)
+        epochs = _get(args, "epoch")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= total:
+            raise ValueError(f"epoch={epochs!r}: adello_alpha_from_epoch=True needs an int "
+                             f"number of epochs in [1, num_train_iter = {total}]")
+        epoch_steps = int(total) // epochs
     start = _get(args, "distill_start_iter")
     start = 0 if start is None else int(start)
     t = _get(args, "distill_T")
@@ -103,23 +120,46 @@ def adello_loss_kwargs(args: Args) -> dict:
     return dict(total_steps=int(total), alpha_min=float(_get(args, "adello_alpha_min")),
                 power=float(_get(args, "adello_k")), threshold=float(_get(args, "p_cutoff")),
                 prior_momentum=float(_get(args, "adello_ema_p")), distill_start=start,
+                alpha_epoch_steps=epoch_steps,
                 temperature=temperature, lambda_u=float(_get(args, "ulb_loss_ratio")),
                 lambda_d=float(_get(args, "lambda_distill")) if complement else 0.0)
 
 
-def adello_loss_from_args(args: Args, lb_class_counts, **overrides) -> ADELLOLoss:
-    """`ADELLOLoss` configured as the released run `args` with labeled class counts
-    `lb_class_counts` ([C] counts or frequencies). `overrides` go to ADELLOLoss as they are
-    (e.g. backend="cpu", flexda=False with lambda_d=0.0 for USB's FixMatch, validate=True)."""
-    counts = torch.as_tensor(lb_class_counts, dtype=torch.float64).flatten()
+def _prior_from_counts(name: str, counts) -> torch.Tensor:
+    counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
     if counts.numel() == 0 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) \
             or float(counts.sum()) <= 0:
-        raise ValueError("lb_class_counts: expected non-negative finite class counts with a "
-                         "positive sum")
+        raise ValueError(f"{name}: expected non-negative finite class counts with a positive sum")
+    return (counts / counts.sum()).float()
+
+
+def adello_loss_from_args(args: Args, lb_class_counts, ulb_class_counts=None,
+                          **overrides) -> ADELLOLoss:
+    """`ADELLOLoss` configured as the released run `args` with labeled class counts
+    `lb_class_counts` ([C] counts or frequencies) and, for `adello_mode="adello_gt"`, the
+    unlabeled ones `ulb_class_counts` (the ground-truth target prior; without them the released
+    code's fallback, the labeled prior, with a warning). `overrides` go to ADELLOLoss as they
+    are (e.g. backend="cpu", flexda=False with lambda_d=0.0 for USB's FixMatch,
+    validate=True)."""
+    prior_lb = _prior_from_counts("lb_class_counts", lb_class_counts)
     kw = adello_loss_kwargs(args)
+    if _get(args, "adello_mode") == "adello_gt":
+        if ulb_class_counts is None:
+            warnings.warn("adello_mode='adello_gt' without ulb_class_counts: the target prior "
+                          "is the labeled prior (the released code's fallback when the "
+                          "unlabeled set has no targets)", stacklevel=2)
+            kw["prior_target"] = prior_lb
+        else:
+            kw["prior_target"] = _prior_from_counts("ulb_class_counts", ulb_class_counts)
+            if kw["prior_target"].numel() != prior_lb.numel():
+                raise ValueError(f"ulb_class_counts: {kw['prior_target'].numel()} classes but "
+                                 f"lb_class_counts has {prior_lb.numel()}")
+    elif ulb_class_counts is not None:
+        raise ValueError("ulb_class_counts: only used with adello_mode='adello_gt' (the "
+                         "'adello' mode estimates the unlabeled prior)")
     kw.setdefault("validate", False)
     kw.update(overrides)
-    return ADELLOLoss((counts / counts.sum()).float(), **kw)
+    return ADELLOLoss(prior_lb, **kw)
 
 
 def train_step_outputs(crit: ADELLOLoss, outputs, y_lb: torch.Tensor, *, sync: bool = True):

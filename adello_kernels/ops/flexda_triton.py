@@ -146,10 +146,12 @@ def _pow64(x, p):
 
 
 @triton.jit
-def _alpha(step_ptr, total_steps, alpha_min, power):
-    """alpha_t = 1 - (1 - alpha_min) * clamp(t / T_max, 0, 1) ** power, in float64."""
+def _alpha(step_ptr, total_steps, epoch_steps, alpha_min, power):
+    """alpha_t = 1 - (1 - alpha_min) * clamp(u / U, 0, 1) ** power, in float64, with
+    u = floor(t / n), U = floor(T_max / n), n = epoch_steps (1: the per-step t / T_max)."""
     t = tl.load(step_ptr)
-    frac = t.to(tl.float64) / total_steps.to(tl.float64)
+    t = tl.maximum(t, 0)          # (a negative step clamps to 0 either way)
+    frac = (t // epoch_steps).to(tl.float64) / (total_steps // epoch_steps).to(tl.float64)
     frac = tl.minimum(tl.maximum(frac, 0.0), 1.0)
     return 1.0 - (1.0 - alpha_min) * _pow64(frac, power)
 
@@ -159,8 +161,10 @@ def _adj_block(adj_ptr, num_ptr, q_ptr, cols, cmask, alpha, inv_z, eps, ADJ: tl.
                ACC: tl.constexpr):
     """The adjustment of columns `cols` in the acc dtype (0 on padding columns):
         ADJ_LOADED  adj_ptr[cols] (ds or du, already in the acc dtype)
-        ADJ_PRIORS  log(num + eps) - log(Q^alpha / Z + eps), in float64, rounded once;
-                    num = P_L gives ds, num = Q gives du; inv_z = 1 / sum_c Q_c^alpha
+        ADJ_PRIORS  log(num + eps) - log(R^alpha / Z + eps), in float64, rounded once;
+                    num = P_L gives ds, num = Q gives du; q_ptr is R, the prior the target
+                    is flattened from (Q itself, or a fixed target prior); inv_z = 1 / sum_c
+                    R_c^alpha
         ADJ_ZERO    0
     """
     if ADJ == ADJ_LOADED:
@@ -374,8 +378,8 @@ def _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, adj_ptr, pl_ptr, q_ptr, alpha, inv_
 
 
 @triton.jit
-def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_ptr, alpha, inv_z,
-                       eps, prior_row_ptr, rows, cols0, N, C, thr, lam_u, lam_d, gate_on, t,
+def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_ptr, r_ptr, alpha,
+                       inv_z, eps, prior_row_ptr, rows, cols0, N, C, thr, lam_u, lam_d, gate_on, t,
                        em, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ADJ: tl.constexpr,
                        LATE_STRONG: tl.constexpr, ACC: tl.constexpr):
     """Unlabeled rows for large C, column blocks of BLOCK_C. Same math as `_unsup_tile`.
@@ -419,7 +423,7 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
         m2 = rmask[:, None] & cmask[None, :]
         zero = tl.zeros([BLOCK_C], ACC)
         w = _load_block(zw_ptr, offs, m2, cmask, zero, ACC)
-        d = _adj_block(adj_ptr, q_ptr, q_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
+        d = _adj_block(adj_ptr, q_ptr, r_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
         a = _load_block(zs_ptr, offs, m2, cmask, d, ACC)
 
         b_max, b_idx = tl.max(w, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -459,7 +463,7 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
         m2 = rmask[:, None] & cmask[None, :]
         zero = tl.zeros([BLOCK_C], ACC)
         w = _load_block(zw_ptr, offs, m2, cmask, zero, ACC)
-        d = _adj_block(adj_ptr, q_ptr, q_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
+        d = _adj_block(adj_ptr, q_ptr, r_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
         if not LATE_STRONG:
             a = _load_block(zs_ptr, offs, m2, cmask, d, ACC)
 
@@ -507,11 +511,12 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
     return lu, ld, tl.sum(psum, 0)
 
 
-@triton.jit(do_not_specialize=["thr_bits", "total_steps", "alpha_min_bits", "power_bits",
-                               "distill_start", "lam_u_bits", "lam_d_bits", "eps_bits"])
-def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, step_ptr,
+@triton.jit(do_not_specialize=["thr_bits", "total_steps", "epoch_steps", "alpha_min_bits",
+                               "power_bits", "distill_start", "lam_u_bits", "lam_d_bits",
+                               "eps_bits"])
+def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, tgt_ptr, hp_ptr, step_ptr,
                  loss_part_ptr, prior_part_ptr, mask_ptr, plab_ptr, glb_ptr, gs_ptr,
-                 B, N, row_bytes, thr_bits, total_steps, alpha_min_bits, power_bits,
+                 B, N, row_bytes, thr_bits, total_steps, epoch_steps, alpha_min_bits, power_bits,
                  distill_start, lam_u_bits, lam_d_bits, eps_bits,
                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOOP_C: tl.constexpr,
                  ADJ: tl.constexpr, STEP: tl.constexpr, PRIOR_EM: tl.constexpr):
@@ -522,7 +527,9 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
     vector; step_ptr and the scalar arguments after thr_bits are unused; the batch prior's
     estimator is hparams[HP_PRIOR_EM] != 0, read on the device (a uniform branch; PRIOR_EM is
     unused and passed False, so raw and em share one compiled kernel).
-    STEP = True (flexda_step_triton): adj_l_ptr, adj_u_ptr are P_L, Q; hp_ptr the temperature;
+    STEP = True (flexda_step_triton): adj_l_ptr, adj_u_ptr are P_L, Q; tgt_ptr R, the prior the
+    target Qa is flattened from (Q itself, or the op's fixed prior_target; unused and any
+    pointer when STEP = False); hp_ptr the temperature;
     step_ptr the step counter; the floats come as float64 bits; PRIOR_EM is the op's `prior_em`
     (a host bool, so a constexpr: the raw step compiles to the kernel it was before).
     """
@@ -541,7 +548,8 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
         lam_d = _f64(lam_d_bits).to(ACC)
         gate_on = t_step >= distill_start
         t = tl.load(hp_ptr).to(tl.float64).to(ACC)
-        alpha = _alpha(step_ptr, total_steps, _f64(alpha_min_bits), _f64(power_bits))
+        alpha = _alpha(step_ptr, total_steps, epoch_steps, _f64(alpha_min_bits),
+                       _f64(power_bits))
         eps = _f64(eps_bits)
         em = PRIOR_EM
     else:
@@ -566,18 +574,18 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
     if LOOP_C:
         inv_z = 1.0
         if ADJ == ADJ_PRIORS:
-            inv_z = _inv_z(adj_u_ptr, cols, C, alpha, BLOCK_C)
+            inv_z = _inv_z(tgt_ptr, cols, C, alpha, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
             tl.store(prior_row_ptr + c0 + cols, tl.zeros([BLOCK_C], ACC), mask=c0 + cols < C)
         tl.debug_barrier()
         for tile in range(pid, n_lab, nprog):
-            ls_acc += _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, adj_l_ptr, adj_l_ptr, adj_u_ptr,
+            ls_acc += _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, adj_l_ptr, adj_l_ptr, tgt_ptr,
                                        alpha, inv_z, eps, tile * ROWS + r, cols, B, C, ROWS,
                                        BLOCK_C, ADJ, ACC)
         psum = tl.zeros([], ACC)
         for tile in range(u_start, n_unl, nprog):
             lu, ld, ps = _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_u_ptr,
-                                            adj_u_ptr, alpha, inv_z, eps, prior_row_ptr,
+                                            adj_u_ptr, tgt_ptr, alpha, inv_z, eps, prior_row_ptr,
                                             tile * ROWS + r, cols, N, C, thr, lam_u, lam_d,
                                             gate_on, t, em, ROWS, BLOCK_C, ADJ,
                                             STEP and PRIOR_EM, ACC)
@@ -587,12 +595,12 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, hp_ptr, st
     else:
         cmask = cols < C
         if ADJ == ADJ_PRIORS:
-            q = tl.load(adj_u_ptr + cols, mask=cmask, other=1.0).to(tl.float64)
+            q = tl.load(tgt_ptr + cols, mask=cmask, other=1.0).to(tl.float64)
             inv_z = 1.0 / tl.sum(tl.where(cmask, _pow64(q, alpha), 0.0), 0)
         else:
             inv_z = 1.0
-        ds = _adj_block(adj_l_ptr, adj_l_ptr, adj_u_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
-        du = _adj_block(adj_u_ptr, adj_u_ptr, adj_u_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
+        ds = _adj_block(adj_l_ptr, adj_l_ptr, tgt_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
+        du = _adj_block(adj_u_ptr, adj_u_ptr, tgt_ptr, cols, cmask, alpha, inv_z, eps, ADJ, ACC)
         prior_acc = tl.zeros([BLOCK_C], ACC)
         # Software prefetch: the loads of the program's next tile are issued before the math on
         # the current one, so every program keeps memory requests in flight while it computes
@@ -946,8 +954,8 @@ def _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s):
     return b, logits_ulb_w.shape[0], c
 
 
-def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, hp, step, b, n, c, threshold, scalars, adj,
-                 step_mode, acc, prior_em=False):
+def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, b, n, c, threshold, scalars,
+                 adj, step_mode, acc, prior_em=False):
     """Allocates the row outputs and partials, launches `_rows_kernel`. Returns the outputs and
     partials (mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog).
     `prior_em` (the step op's, a constexpr) only with step_mode; flexda_fwd_triton's estimator is
@@ -973,13 +981,13 @@ def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, hp, step, b, n, c, threshold, s
         per_sm = _OCCUPANCY.get(key) or PROGRAMS_PER_SM
         if not per_sm:
             probe = torch.empty((1, LOSS_SLOTS), device=dev, dtype=acc)
-            per_sm = _programs_per_sm(_rows_kernel, key, (z_l, y, z_w, z_s, adj_l, adj_u, hp,
-                                                          step, probe, probe, mask, pseudo_labels,
+            per_sm = _programs_per_sm(_rows_kernel, key, (z_l, y, z_w, z_s, adj_l, adj_u, tgt,
+                                                          hp, step, probe, probe, mask, pseudo_labels,
                                                           grad_lb, grad_ulb_s, *tail), meta, dev)
         nprog = max(1, min(tiles, per_sm * _sm_count(dev)))
     loss_part = torch.empty((nprog, LOSS_SLOTS), device=dev, dtype=acc)
     prior_part = torch.empty((nprog, c), device=dev, dtype=acc)
-    _rows_kernel[(nprog,)](z_l, y, z_w, z_s, adj_l, adj_u, hp, step, loss_part, prior_part,
+    _rows_kernel[(nprog,)](z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, loss_part, prior_part,
                            mask, pseudo_labels, grad_lb, grad_ulb_s, *tail, **meta)
     return mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog
 
@@ -1012,7 +1020,7 @@ def flexda_fwd_triton(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     prior_batch = torch.empty(c, device=dev, dtype=acc)
     with _device_ctx(dev):
         mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog = _launch_rows(
-            z_l, y, z_w, z_s, ds, du, hp, hp, b, n, c, threshold, (1, 0, 0, 0, 0, 0, 0),
+            z_l, y, z_w, z_s, ds, du, du, hp, hp, b, n, c, threshold, (1, 1, 0, 0, 0, 0, 0, 0),
             ADJ_LOADED.value, False, acc)
         _finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
             loss_part, prior_part, hp, hp, hp, hp, loss, terms[0], terms[1], terms[2],
@@ -1047,11 +1055,14 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
                               alpha_min: float, power: float, distill_start: int,
                               lambda_u: float, lambda_d: float, eps: float, flexda: bool,
                               threshold: float, prior_momentum: float, update: bool,
-                              prior_em: bool = False):
+                              prior_em: bool = False, prior_target=None,
+                              alpha_epoch_steps: int = 1):
     """Kernel of `adello::flexda_step_triton` (schema and semantics: ops/step.py): two launches,
     torch.empty allocations besides; `prior_ulb`, `step`, `skipped_updates` updated in place
     when `update`. `prior_em` selects the EM batch prior (a constexpr of the row kernel); the
-    epilogue updates Q with whichever prior_batch the rows gave."""
+    epilogue updates Q with whichever prior_batch the rows gave. `prior_target` (or Q when
+    None) is the prior the target Qa is flattened from; alpha advances once every
+    `alpha_epoch_steps` steps."""
     b, n, c = _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s)
     dev = logits_lb.device
     _check_state(prior_lb, prior_ulb, step, skipped_updates, temperature, c, dev)
@@ -1059,6 +1070,12 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
         raise ValueError(f"labels_lb: expected int64, got {labels_lb.dtype}")
     if isinstance(total_steps, bool) or int(total_steps) <= 0:
         raise ValueError(f"total_steps: expected a positive int, got {total_steps!r}")
+    if isinstance(alpha_epoch_steps, bool) or not 1 <= int(alpha_epoch_steps) <= int(total_steps):
+        raise ValueError(f"alpha_epoch_steps: expected an int in [1, total_steps], got "
+                         f"{alpha_epoch_steps!r}")
+    if prior_target is not None and (prior_target.shape != (c,) or prior_target.device != dev
+                                     or not prior_target.dtype.is_floating_point):
+        raise ValueError(f"prior_target: expected a [{c}] float tensor on {dev}")
     dtype = logits_lb.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # contiguous() returns the tensor itself when it already is (ADELLOLoss's row slices are);
@@ -1069,11 +1086,13 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
     new = dict(device=dev, dtype=acc)
     loss, loss_sup, loss_unsup, loss_distill = (torch.empty((), **new) for _ in range(4))
     prior_batch = torch.empty(c, **new)
-    scalars = (int(total_steps), _f64_bits(alpha_min), _f64_bits(power), int(distill_start),
+    scalars = (int(total_steps), int(alpha_epoch_steps), _f64_bits(alpha_min), _f64_bits(power), int(distill_start),
                _f64_bits(lambda_u), _f64_bits(lambda_d), _f64_bits(eps))
     with _device_ctx(dev):
         mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog = _launch_rows(
-            z_l, y, z_w, z_s, p_l, prior_ulb, temperature, step, b, n, c, threshold, scalars,
+            z_l, y, z_w, z_s, p_l, prior_ulb,
+            prior_ulb if prior_target is None else prior_target.contiguous(), temperature, step,
+            b, n, c, threshold, scalars,
             (ADJ_PRIORS if flexda else ADJ_ZERO).value, True, acc, bool(prior_em))
         _finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
             loss_part, prior_part, temperature, step, skipped_updates, prior_ulb, loss,
@@ -1160,8 +1179,8 @@ class FlexdaStepTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        # one gradient slot per forward argument: 21, or 20 from a caller that left out the
-        # trailing prior_em (its schema default)
+        # one gradient slot per forward argument: 23, or fewer from a caller that left out
+        # the trailing prior_em, prior_target, alpha_epoch_steps (their schema defaults)
         nargs = len(ctx.needs_input_grad)
         if grad_loss is None:
             return (None,) * nargs
@@ -1183,14 +1202,16 @@ class FlexdaStepTriton(torch.autograd.Function):
 def flexda_step_triton(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb,
                        step, skipped_updates, temperature, total_steps, alpha_min, power,
                        distill_start, lambda_u, lambda_d, eps, flexda, threshold,
-                       prior_momentum, update, prior_em=False):
+                       prior_momentum, update, prior_em=False, prior_target=None,
+                       alpha_epoch_steps=1):
     """One whole ADELLOLoss training step on the Triton kernels (arguments and outputs: the
     schema of adello::flexda_step in ops/step.py), differentiable w.r.t. logits_lb and
     logits_ulb_s through `loss`. Forward: two launches; backward: one; no host sync."""
     return FlexdaStepTriton.apply(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                   prior_ulb, step, skipped_updates, temperature, total_steps,
                                   alpha_min, power, distill_start, lambda_u, lambda_d, eps,
-                                  flexda, threshold, prior_momentum, update, bool(prior_em))
+                                  flexda, threshold, prior_momentum, update, bool(prior_em),
+                                  prior_target, int(alpha_epoch_steps))
 
 
 def _step_autograd_kernel(*args):

@@ -12,7 +12,11 @@
                 Tensor temperature,        0-d    float T (read only)
                 int total_steps, float alpha_min, float power, int distill_start,
                 float lambda_u, float lambda_d, float eps, bool flexda, float threshold,
-                float prior_momentum, bool update, bool prior_em=False)
+                float prior_momentum, bool update, bool prior_em=False,
+                Tensor? prior_target=None,  [C]  float R: Qa is flattened from it (the released
+                                                  "adello_gt" mode); None: from Q
+                int alpha_epoch_steps=1)          n in [1, total_steps]: alpha from
+                                                  floor(t / n) over floor(total_steps / n)
       -> (Tensor loss,            0-d    acc: L_s + lambda_u L_u + [t >= t0] lambda_d L_d
           Tensor loss_sup,        0-d    acc: L_s
           Tensor loss_unsup,      0-d    acc: L_u
@@ -26,9 +30,11 @@
 
 What one call does, in order (the math: docs/method.md; the contract: docs/contract.md):
 
-1. Prologue, from the state as it is on entry (Q_{t-1}, t): alpha_t = alpha_schedule(t), then
+1. Prologue, from the state as it is on entry (Q_{t-1}, t): alpha_t = alpha_schedule(t,
+   epoch_steps=alpha_epoch_steps), then
    ds = log(P_L + eps) - log(Qa + eps), du = log(Q + eps) - log(Qa + eps) with
-   Qa = Q^alpha_t / sum(Q^alpha_t), computed in float64 and rounded once to the acc dtype
+   Qa = R^alpha_t / sum(R^alpha_t), R = prior_target or Q, computed in float64 and rounded
+   once to the acc dtype
    (both 0 when `flexda` is off); the distillation gate [t >= distill_start]; T; prior_em.
 2. The fused rows (as adello::flexda_fwd, ops/flexda.py) and the fixed-order reduce.
 3. Epilogue, only when `update`: Q <- m Q + (1 - m) prior_batch (the raw or, with `prior_em`,
@@ -70,7 +76,8 @@ SCHEMA = (
     "Tensor prior_lb, Tensor(a!) prior_ulb, Tensor(b!) step, Tensor(c!) skipped_updates, "
     "Tensor temperature, int total_steps, float alpha_min, float power, int distill_start, "
     "float lambda_u, float lambda_d, float eps, bool flexda, float threshold, "
-    "float prior_momentum, bool update, bool prior_em=False) -> (Tensor loss, Tensor loss_sup, "
+    "float prior_momentum, bool update, bool prior_em=False, Tensor? prior_target=None, "
+    "int alpha_epoch_steps=1) -> (Tensor loss, Tensor loss_sup, "
     "Tensor loss_unsup, Tensor loss_distill, Tensor mask, Tensor pseudo_labels, "
     "Tensor prior_batch, Tensor grad_lb, Tensor grad_ulb_s)")
 STEP_OP_NAMES = ("flexda_step", "flexda_step_triton")
@@ -86,7 +93,8 @@ scale_grads_ = torch.ops.adello.scale_grads_.default
 
 def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
           skipped_updates, temperature, total_steps, alpha_min, power, distill_start, lambda_u,
-          lambda_d, eps, flexda, threshold, prior_momentum, update, prior_em=False):
+          lambda_d, eps, flexda, threshold, prior_momentum, update, prior_em=False,
+          prior_target=None, alpha_epoch_steps=1):
     acc = torch.float64 if logits_lb.dtype == torch.float64 else torch.float32
     n, c = logits_ulb_w.shape
     new = logits_lb.new_empty

@@ -155,10 +155,11 @@ void check_vector(const at::Tensor& x, const char* name, int64_t n, at::ScalarTy
 
 }  // namespace
 
-void flexda_cpu_adjustments(const double* prior_lb, const double* prior_ulb, int64_t C,
-                            double alpha, double eps, double* workspace, double* adj_lb,
-                            double* adj_ulb) {
-  kernel_table().adjust(prior_lb, prior_ulb, C, alpha, eps, workspace, adj_lb, adj_ulb);
+void flexda_cpu_adjustments(const double* prior_lb, const double* prior_ulb,
+                            const double* prior_target, int64_t C, double alpha, double eps,
+                            double* workspace, double* adj_lb, double* adj_ulb) {
+  kernel_table().adjust(prior_lb, prior_ulb, prior_target, C, alpha, eps, workspace, adj_lb,
+                        adj_ulb);
 }
 
 const char* flexda_cpu_isa() {

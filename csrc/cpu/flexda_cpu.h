@@ -14,6 +14,7 @@
 //      prior_em != 0), grad_lb [B, C], grad_ulb_s [N, C] (logits dtype)
 #pragma once
 
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -34,18 +35,21 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
 const char* flexda_cpu_isa();
 
 // The logit adjustments ds = adj_lb, du = adj_ulb of docs/method.md for alpha, in double, with
-// the build's widest instruction set ([C] each; workspace: [C] scratch).
-void flexda_cpu_adjustments(const double* prior_lb, const double* prior_ulb, int64_t C,
-                            double alpha, double eps, double* workspace, double* adj_lb,
-                            double* adj_ulb);
+// the build's widest instruction set ([C] each; workspace: [C] scratch). The target prior Qa is
+// flattened from `prior_target` (the released "adello_gt" mode), which may be prior_ulb itself.
+void flexda_cpu_adjustments(const double* prior_lb, const double* prior_ulb,
+                            const double* prior_target, int64_t C, double alpha, double eps,
+                            double* workspace, double* adj_lb, double* adj_ulb);
 
 // The O(C) prologue of adello::flexda_step (csrc/cpu/step_prologue_cpu.cpp): alpha_t from the
-// step, then (adj_lb, adj_ulb, hparams) in `dtype` (ds, du computed in double, rounded once).
+// step (per epoch of alpha_epoch_steps steps), then (adj_lb, adj_ulb, hparams) in `dtype` (ds,
+// du computed in double, rounded once; Qa from prior_target when given, else from prior_ulb).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     const at::Tensor& prior_lb, const at::Tensor& prior_ulb, const at::Tensor& step,
     const at::Tensor& temperature, int64_t total_steps, double alpha_min, double power,
     int64_t distill_start, double lambda_u, double lambda_d, double eps, bool flexda,
-    bool prior_em, at::ScalarType dtype);
+    bool prior_em, const std::optional<at::Tensor>& prior_target, int64_t alpha_epoch_steps,
+    at::ScalarType dtype);
 
 // The epilogue of adello::flexda_step (csrc/cpu/step_epilogue_cpu.cpp), in place: Q <- m Q +
 // (1 - m) prior_batch unless prior_batch is not finite (then skipped_updates += 1); step += 1.

@@ -86,10 +86,10 @@ struct Args {
 
 using KernelFn = void (*)(const Args&);
 
-// The logit adjustments of adello_prepare, in double (see `adjustments` in the kernel):
-// (prior_lb [C], prior_ulb [C], C, alpha, eps, workspace [C], ds [C], du [C]).
-using AdjustFn = void (*)(const double*, const double*, int64_t, double, double, double*,
-                          double*, double*);
+// The logit adjustments of the step prologue, in double (see `adjustments` in the kernel):
+// (prior_lb [C], prior_ulb [C], prior_target [C], C, alpha, eps, workspace [C], ds [C], du [C]).
+using AdjustFn = void (*)(const double*, const double*, const double*, int64_t, double, double,
+                          double*, double*, double*);
 
 // One kernel per logits dtype, and the adjustments; null entries when the ISA was not compiled
 // in this build.

@@ -856,20 +856,21 @@ void run_kernel(const Args& args) {
 
 // ---------------------------------------------------------------------------------------------
 // The logit adjustments of a step (docs/method.md, Per-step adjustments), in double:
-//   qa_c = Q_c ** alpha / sum_j Q_j ** alpha      (0 ** 0 = 1, as torch.pow)
+//   qa_c = R_c ** alpha / sum_j R_j ** alpha      (0 ** 0 = 1, as torch.pow)
 //   ds_c = log(P_L,c + eps) - log(qa_c + eps),    du_c = log(Q_c + eps) - log(qa_c + eps)
+// with R = `r` the prior the target is flattened from: Q itself, or a fixed target prior.
 // Vectorised with at::vec (Sleef's 1-ulp pow and log in the AVX2/AVX-512 builds): one pow and
 // three logs per class in scalar libm cost ~60 ns a class here, a tenth of a CIFAR-size step.
 // ---------------------------------------------------------------------------------------------
-inline void adjustments(const double* p_l, const double* q, int64_t C, double alpha, double eps,
-                        double* q_alpha, double* ds, double* du) {
+inline void adjustments(const double* p_l, const double* q, const double* r, int64_t C,
+                        double alpha, double eps, double* q_alpha, double* ds, double* du) {
   using Vec = Vectorized<double>;
   constexpr int64_t L = Vec::size();
   const Vec va(alpha), ve(eps), zero(0.0);
   Vec sum = zero;
   for (int64_t c = 0; c < C; c += L) {
     const int64_t n = std::min<int64_t>(L, C - c);
-    const Vec qa = Vec::loadu(q + c, n).pow(va);
+    const Vec qa = Vec::loadu(r + c, n).pow(va);
     qa.store(q_alpha + c, n);
     sum = sum + Vec::set(zero, qa, n);  // lanes past the row (pow(0, 0) = 1 there) left out
   }

@@ -8,6 +8,7 @@
 //                 `update`, step_epilogue_cpu (prior EMA unless not finite, step += 1).
 //   scale_grads_  both gradients times the incoming grad, in place; nothing to do when it is 1.
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -29,7 +30,8 @@ Outputs flexda_step_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb
                         int64_t total_steps, double alpha_min, double power,
                         int64_t distill_start, double lambda_u, double lambda_d, double eps,
                         bool flexda, double threshold, double prior_momentum, bool update,
-                        bool prior_em) {
+                        bool prior_em, const std::optional<at::Tensor>& prior_target,
+                        int64_t alpha_epoch_steps) {
   TORCH_CHECK(prior_momentum >= 0.0 && prior_momentum < 1.0,
               "flexda_step: prior_momentum must lie in [0, 1), got ", prior_momentum);
   TORCH_CHECK(skipped_updates.numel() == 1 && skipped_updates.scalar_type() == at::kLong,
@@ -38,7 +40,8 @@ Outputs flexda_step_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb
   // Every read of the state (Q_{t-1}, t, T) happens here, before the epilogue writes it.
   const auto [adj_lb, adj_ulb, hparams] =
       step_prologue_cpu(prior_lb, prior_ulb, step, temperature, total_steps, alpha_min, power,
-                        distill_start, lambda_u, lambda_d, eps, flexda, prior_em, acc);
+                        distill_start, lambda_u, lambda_d, eps, flexda, prior_em, prior_target,
+                        alpha_epoch_steps, acc);
   auto [loss, terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s] =
       flexda_fwd_cpu(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams,
                      threshold);

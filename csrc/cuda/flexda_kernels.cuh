@@ -174,10 +174,14 @@ __device__ __forceinline__ double load_as_double(const void* ptr, int kind, int6
 struct StepArgs {
   const void* prior_lb;  int64_t prior_lb_s;  int prior_lb_kind;   // [C] P_L, fp32/fp64
   void* prior_ulb;       int64_t prior_ulb_s; int prior_ulb_kind;  // [C] Q, fp32/fp64, in place
+  // [C] R, the prior the target Qa is flattened from: a fixed prior ("adello_gt"), or Q itself
+  // (then these repeat prior_ulb's pointer, stride and kind)
+  const void* prior_target; int64_t prior_target_s; int prior_target_kind;
   int64_t* step;                                                   // 0-d t, in place
   int64_t* skipped;                                                // 0-d, in place
   const void* temperature; int temperature_kind;                   // 0-d T, any float dtype
   int64_t total_steps, distill_start;
+  int64_t alpha_epoch_steps;  // n >= 1: alpha from u = floor(t / n) over U = floor(T / n)
   double alpha_min, power, lambda_u, lambda_d, eps, momentum;
   bool flexda, update;
   bool prior_em;  // the EM batch prior (flexda_fwd: hparams[kHpPriorEm] != 0)
@@ -262,14 +266,19 @@ __device__ __forceinline__ Hyper<acc_t> step_hyper(const StepArgs& s) {
 // ------------------------------------------------------------------------------------------------
 // The step prologue (every block of flexda_step runs it; all threads of the block take part)
 //
-//   alpha_t = 1 - (1 - alpha_min) * clamp(t / total_steps, 0, 1) ** power
-//   S       = sum_c Q_c ** alpha_t                      (0 ** 0 = 1, as torch.pow and C pow)
-//   adj_c   = log(num_c + eps) - log(Q_c ** alpha_t / S + eps),  num = P_L (ds) or Q (du)
+//   alpha_t = 1 - (1 - alpha_min) * clamp(u / U, 0, 1) ** power,  u = floor(t / n),
+//             U = floor(total_steps / n), n = alpha_epoch_steps (1: t / total_steps)
+//   S       = sum_c R_c ** alpha_t                      (0 ** 0 = 1, as torch.pow and C pow)
+//   adj_c   = log(num_c + eps) - log(R_c ** alpha_t / S + eps),  num = P_L (ds) or Q (du)
+//             R = the target prior of StepArgs (a fixed prior, or Q itself)
 // in double, rounded once to acc_t; 0 when flexda is off.
 // ------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ double step_alpha(const StepArgs& s) {
-  const double frac = fmin(fmax(static_cast<double>(*s.step) / static_cast<double>(s.total_steps),
+  const int64_t t = *s.step;
+  const int64_t u = t >= 0 ? t / s.alpha_epoch_steps : 0;  // floor for t >= 0; t < 0 clamps to 0
+  const double frac = fmin(fmax(static_cast<double>(u) /
+                                    static_cast<double>(s.total_steps / s.alpha_epoch_steps),
                                 0.0), 1.0);
   return 1.0 - (1.0 - s.alpha_min) * pow(frac, s.power);
 }
@@ -280,7 +289,8 @@ __device__ __forceinline__ acc_t step_adjustment(const StepArgs& s, bool labeled
   if (!s.flexda) return acc_t(0);
   const double q = load_as_double(s.prior_ulb, s.prior_ulb_kind, c * s.prior_ulb_s);
   const double num = labeled ? load_as_double(s.prior_lb, s.prior_lb_kind, c * s.prior_lb_s) : q;
-  const double qa = pow(q, alpha) / sum;
+  const double r = load_as_double(s.prior_target, s.prior_target_kind, c * s.prior_target_s);
+  const double qa = pow(r, alpha) / sum;
   return static_cast<acc_t>(log(num + s.eps) - log(qa + s.eps));
 }
 
@@ -314,7 +324,8 @@ __device__ __forceinline__ const acc_t* step_prologue(const StepArgs& s, bool la
   if (s.flexda) {
     double part = 0.0;
     for (int c = threadIdx.x; c < C; c += blockDim.x)
-      part += pow(load_as_double(s.prior_ulb, s.prior_ulb_kind, c * s.prior_ulb_s), alpha);
+      part += pow(load_as_double(s.prior_target, s.prior_target_kind, c * s.prior_target_s),
+                  alpha);
     sum = block_sum_double(part, red);
   }
   if (!s.adj_smem) return nullptr;

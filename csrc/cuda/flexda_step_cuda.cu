@@ -142,7 +142,8 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
                              int64_t total_steps, double alpha_min, double power,
                              int64_t distill_start, double lambda_u, double lambda_d, double eps,
                              bool flexda, double threshold, double prior_momentum, bool update,
-                             bool prior_em) {
+                             bool prior_em, const std::optional<at::Tensor>& prior_target,
+                             int64_t alpha_epoch_steps) {
   constexpr const char* kOp = "adello::flexda_step";
 #ifndef ADELLO_CUDA_EMULATION
   TORCH_CHECK_VALUE(logits_lb.is_cuda(), kOp, ": logits_lb must be a CUDA tensor");
@@ -161,6 +162,10 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
                         temperature.device() == logits_lb.device(),
                     kOp, ": temperature must be a 0-d float tensor on ", logits_lb.device());
   TORCH_CHECK_VALUE(total_steps > 0, kOp, ": total_steps must be positive, got ", total_steps);
+  TORCH_CHECK_VALUE(alpha_epoch_steps >= 1 && alpha_epoch_steps <= total_steps, kOp,
+                    ": alpha_epoch_steps must lie in [1, total_steps], got ", alpha_epoch_steps);
+  const bool has_target = prior_target.has_value() && prior_target->defined();
+  if (has_target) check_state_vector(*prior_target, "prior_target", C, logits_lb);
   TORCH_CHECK_VALUE(prior_momentum >= 0.0 && prior_momentum < 1.0, kOp,
                     ": prior_momentum must lie in [0, 1), got ", prior_momentum);
 
@@ -171,11 +176,16 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
   st.prior_ulb = prior_ulb.data_ptr();
   st.prior_ulb_s = prior_ulb.stride(0);
   st.prior_ulb_kind = float_kind(prior_ulb.scalar_type());
+  const at::Tensor& target = has_target ? *prior_target : prior_ulb;
+  st.prior_target = target.const_data_ptr();
+  st.prior_target_s = target.stride(0);
+  st.prior_target_kind = float_kind(target.scalar_type());
   st.step = step.data_ptr<int64_t>();
   st.skipped = skipped_updates.data_ptr<int64_t>();
   st.temperature = temperature.const_data_ptr();
   st.temperature_kind = float_kind(temperature.scalar_type());
   st.total_steps = total_steps;
+  st.alpha_epoch_steps = alpha_epoch_steps;
   st.distill_start = distill_start;
   st.alpha_min = alpha_min;
   st.power = power;
