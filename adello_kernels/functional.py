@@ -99,6 +99,26 @@ def check_prior(name: str, prior, num_classes: int, device: torch.device,
             raise ValueError(f"{name}: must sum to 1 (within {PRIOR_SUM_TOL}), sums to {total:.6g}")
 
 
+def check_prior_weight(weight, n: int, device: torch.device, validate: bool = True) -> None:
+    """[N] float per-row weights of the batch prior: finite and >= 0 (values if `validate`)."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"prior_weight: expected a tensor, got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise ValueError(f"prior_weight: expected shape ({n},) (one weight per unlabeled row), "
+                         f"got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"prior_weight: expected a float tensor, got {weight.dtype} (for a "
+                         "mask, pass mask.float())")
+    if weight.device != device:
+        raise ValueError(f"prior_weight: on {weight.device} but the logits are on {device}")
+    if validate:
+        w = weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("prior_weight: has non-finite entries")
+        if bool((w < 0).any()):
+            raise ValueError("prior_weight: has negative entries")
+
+
 def _check_scalar(name: str, value, device: torch.device, lo: float, hi: float,
                   lo_open: bool, validate: bool) -> None:
     """`value` in the interval (lo or [lo, hi]; a 0-d tensor on `device` or a Python number."""
@@ -170,8 +190,9 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
                 alpha: Scalar, *, threshold: float = 0.95, lambda_u: float = 1.0,
                 lambda_d: float = 1.0, distill: Scalar = True, temperature: Scalar = 1.0,
                 eps: float = 1e-9, prior_estimator: str = "raw",
-                prior_target: Optional[torch.Tensor] = None, backend: str = "auto",
-                validate: bool = True) -> FlexDAOutput:
+                prior_target: Optional[torch.Tensor] = None,
+                prior_weight: Optional[torch.Tensor] = None, distill_all: bool = False,
+                backend: str = "auto", validate: bool = True) -> FlexDAOutput:
     """One ADELLO step (FlexDA + complementary consistency distillation), docs/method.md.
 
     Args:
@@ -191,6 +212,11 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
         prior_target: [C] fixed prior the target Qa is flattened from (the released
                       "adello_gt" mode: the ground-truth unlabeled prior), or None (the
                       default): Qa is flattened from prior_ulb (docs/method.md, Target prior)
+        prior_weight: [N] finite non-negative weights of the rows in `prior_batch`, or None
+                      (every row 1): prior_batch = sum_{w_i > 0} w_i p_i / sum_i w_i, NaN when
+                      every weight is 0 (the released lb_in_ulb_mask: w = truly unlabeled rows)
+        distill_all:  distil every row (the released distill_all), not only those below the
+                      threshold (the default: complementary distillation)
         backend:      'auto', 'reference', 'cpu', 'cuda' or 'triton'
         validate:     also check values (label range, priors, tensor hyperparameters); each is a
                       host sync on a GPU, so pass False inside a captured/compiled step
@@ -208,6 +234,10 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
     check_prior("prior_ulb", prior_ulb, c, device, validate)
     if prior_target is not None:
         check_prior("prior_target", prior_target, c, device, validate)
+    if prior_weight is not None:
+        check_prior_weight(prior_weight, logits_ulb_w.shape[0], device, validate)
+    if not isinstance(distill_all, bool):
+        raise ValueError(f"distill_all: expected a bool, got {type(distill_all).__name__}")
     check_hyperparameters(alpha=alpha, threshold=threshold, lambda_u=lambda_u, lambda_d=lambda_d,
                           distill=distill, temperature=temperature, eps=eps, device=device,
                           validate=validate)
@@ -221,22 +251,25 @@ def flexda_loss(logits_lb: torch.Tensor, labels_lb: torch.Tensor, logits_ulb_w: 
                                 prior_ulb, alpha, threshold=threshold, lambda_u=lambda_u,
                                 lambda_d=lambda_d, distill=distill, temperature=temperature,
                                 eps=eps, prior_estimator=prior_estimator,
-                                prior_target=prior_target)
+                                prior_target=prior_target, prior_weight=prior_weight,
+                                distill_all=distill_all)
 
     acc = accumulate_dtype(logits_lb.dtype)
     ds, du = adjustments(prior_lb, prior_ulb, alpha, eps, acc, prior_target)
     hparams = _hparams(float(lambda_u), float(lambda_d), distill, temperature, device, acc,
                        prior_em=prior_estimator == "em")
+    weight = None if prior_weight is None else prior_weight.detach().to(acc).contiguous()
     return fused_step(name, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, ds, du, hparams,
-                      float(threshold))
+                      float(threshold), weight, distill_all)
 
 
 def fused_step(backend: str, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb,
-               hparams, threshold: float) -> FlexDAOutput:
+               hparams, threshold: float, prior_weight=None,
+               distill_all: bool = False) -> FlexDAOutput:
     """Call a fused backend's op (no validation) and package its outputs."""
     loss, terms, mask, pseudo_labels, prior_batch, _, _ = FusedStep.apply(
         backends.fused_op(backend), logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb,
-        adj_ulb, hparams, threshold)
+        adj_ulb, hparams, threshold, prior_weight, distill_all)
     loss_sup, loss_unsup, loss_distill = terms.unbind()
     return FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                         prior_batch)

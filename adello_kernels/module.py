@@ -10,10 +10,22 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backends
-from .functional import check_logits, check_prior, check_prior_estimator, flexda_loss
+from .functional import (
+    check_logits,
+    check_prior,
+    check_prior_estimator,
+    check_prior_weight,
+    flexda_loss,
+)
 from .ops.snapshot import snapshot
 from .ops.state import momentum_update, update_prior_
-from .reference import FlexDAOutput, adjustments, alpha_schedule
+from .reference import (
+    FlexDAOutput,
+    accumulate_dtype,
+    adjustments,
+    alpha_schedule,
+    weighted_prior,
+)
 
 
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False,
@@ -24,6 +36,13 @@ def _number(name: str, value, lo: float, hi: float, lo_open: bool = False,
         raise ValueError(f"{name}: must lie in {'(' if lo_open else '['}{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got {value}")
     return float(value)
+
+
+def _weighted(prior_batch: torch.Tensor, count) -> torch.Tensor:
+    """count * prior_batch, or 0 where the count is a zero weight sum (whose prior is NaN)."""
+    if isinstance(count, torch.Tensor):
+        return torch.where(count > 0, prior_batch * count.to(prior_batch.dtype), 0.0)
+    return prior_batch * count
 
 
 class ADELLOLoss(nn.Module):
@@ -44,6 +63,8 @@ class ADELLOLoss(nn.Module):
         temperature:    T > 0, or "imbalance_aware": T = exp(KL(U || Q)) frozen at step t0 from
                         the prior after that step's update (that step's loss uses it too)
         lambda_u, lambda_d: loss weights
+        distill_all:    distil every row (the released `distill_all` without
+                        `distill_complement`); False (default): the rows below the threshold
         flexda:         False turns both logit adjustments off (FixMatch targets)
         prior_target:   [C] fixed prior the target Qa = R^alpha / sum(R^alpha) is flattened
                         from, e.g. the ground-truth unlabeled prior (the released "adello_gt"
@@ -66,6 +87,7 @@ class ADELLOLoss(nn.Module):
                  distill_start: int = 0, temperature=1.0, lambda_u: float = 1.0,
                  lambda_d: float = 1.0, flexda: bool = True, prior_estimator: str = "raw",
                  prior_target: Optional[torch.Tensor] = None, alpha_epoch_steps: int = 1,
+                 distill_all: bool = False,
                  sync_prior: bool = True, backend: str = "auto", validate: bool = True):
         super().__init__()
         if not isinstance(prior_lb, torch.Tensor) or prior_lb.dim() != 1 or prior_lb.numel() == 0:
@@ -96,6 +118,9 @@ class ADELLOLoss(nn.Module):
         self.lambda_u = _number("lambda_u", lambda_u, 0.0, math.inf, hi_open=True)
         self.lambda_d = _number("lambda_d", lambda_d, 0.0, math.inf, hi_open=True)
         self.flexda = bool(flexda)
+        if not isinstance(distill_all, bool):
+            raise ValueError(f"distill_all: expected a bool, got {distill_all!r}")
+        self.distill_all = distill_all
         self.prior_estimator = check_prior_estimator(prior_estimator)
         self.sync_prior = bool(sync_prior)
         if backend != "auto" and backend not in backends.BACKENDS:
@@ -128,7 +153,10 @@ class ADELLOLoss(nn.Module):
         # count on the host (shapes are static, so counting them needs no sync). Not saved:
         # checkpoints are taken between optimizer steps, when nothing is pending.
         self.register_buffer("_pending_prior", torch.zeros(c, device=dev), persistent=False)
+        # (the micro-batches' weight sums when prior weights are given: a device scalar)
+        self.register_buffer("_pending_weight", torch.zeros((), device=dev), persistent=False)
         self._pending_rows = 0
+        self._pending_weighted = False
 
     @property
     def num_classes(self) -> int:
@@ -142,7 +170,8 @@ class ADELLOLoss(nn.Module):
                 f"temperature={t}, flexda={self.flexda}, "
                 f"prior_estimator={self.prior_estimator!r}, "
                 f"prior_target={'None' if self.prior_target is None else 'fixed'}, "
-                f"alpha_epoch_steps={self.alpha_epoch_steps}, backend={self.backend!r}")
+                f"alpha_epoch_steps={self.alpha_epoch_steps}, distill_all={self.distill_all}, "
+                f"backend={self.backend!r}")
 
     def alpha(self) -> torch.Tensor:
         """alpha_t at the current step (a 0-d tensor on the module's device)."""
@@ -153,18 +182,42 @@ class ADELLOLoss(nn.Module):
         """True when the batch prior is all-reduced across ranks before the update."""
         return self.sync_prior and dist.is_available() and dist.is_initialized()
 
-    def _global_mean(self, prior_batch: torch.Tensor, n: int) -> torch.Tensor:
-        """The batch prior over all ranks: sum_r N_r mean_r / sum_r N_r (one all-reduce)."""
+    def _global_mean(self, prior_batch: torch.Tensor, count):
+        """(batch prior over all ranks, total count): sum_r W_r mean_r / sum_r W_r with W_r the
+        rank's row count N_r (a host int) or prior-weight sum (a 0-d device tensor; a rank whose
+        weights are all 0 adds nothing, not its NaN prior). One all-reduce."""
         if not self._syncing():
-            return prior_batch
-        buf = torch.cat([prior_batch.float() * n, prior_batch.new_full((1,), float(n))])
+            return prior_batch, count
+        if isinstance(count, torch.Tensor):
+            w = count.to(torch.float32).reshape(1)
+            part = torch.where(w > 0, prior_batch.float() * w, 0.0)
+        else:
+            w = prior_batch.new_full((1,), float(count), dtype=torch.float32)
+            part = prior_batch.float() * float(count)
+        buf = torch.cat([part, w])
         dist.all_reduce(buf)
-        return buf[:-1] / buf[-1]
+        return buf[:-1] / buf[-1], buf[-1]
+
+    def _check_prior_weight(self, prior_weight, n: int, device, validate: bool):
+        if prior_weight is None:
+            return None
+        if not isinstance(prior_weight, torch.Tensor):
+            raise ValueError(f"prior_weight: expected a [N] tensor or None, got "
+                             f"{type(prior_weight).__name__}")
+        check_prior_weight(prior_weight, n, device, validate)
+        return prior_weight
 
     def forward(self, logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                 logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor, *,
+                prior_weight: Optional[torch.Tensor] = None,
                 update: bool = True) -> FlexDAOutput:
-        """One training step; with `update=False`, one micro-batch of a step accumulated over
+        """One training step. `prior_weight` [N] (finite, >= 0): per-row weights of the batch
+        prior the estimate is updated with (e.g. `lb_in_ulb_mask < 1`: only the rows that are
+        truly unlabeled, as the released code's lb_in_ulb_mask); rows of weight 0 are left out
+        and a batch whose weights are all 0 leaves the prior as it is (docs/method.md, Prior
+        update). The losses do not depend on it.
+
+        With `update=False`, one micro-batch of a step accumulated over
         several (gradient accumulation): its losses use the current state (alpha_t, Q, T) like
         every micro-batch of the step, its batch prior is added to a pending sum, and nothing
         advances. The next call with `update=True` (the step's last micro-batch) updates the
@@ -194,6 +247,15 @@ class ADELLOLoss(nn.Module):
             raise ValueError(f"logits_lb: on {logits_lb.device} but the ADELLOLoss state is on "
                              f"{prior_ulb.device} (move the module with .to(device))")
         n = logits_ulb_w.shape[0]
+        prior_weight = self._check_prior_weight(prior_weight, n, logits_lb.device,
+                                                self.validate and not compiling)
+        weighted = prior_weight is not None
+        if weighted:
+            prior_weight = prior_weight.detach().to(accumulate_dtype(logits_lb.dtype))
+            # the weight sum of the batch (0-d, on the device): the prior's row count
+            count = torch.where(prior_weight > 0, prior_weight, 0.0).sum().float()
+        else:
+            count = n
         backend = backends.resolve_backend(self.backend, logits_lb.device)
         q_prev, step, temperature = prior_ulb, step_buf, temperature_buf
         snap = compiling  # see ops/snapshot.py
@@ -210,8 +272,11 @@ class ADELLOLoss(nn.Module):
                                        self.alpha_epoch_steps)
                 z_w = z_w + adjustments(self.prior_lb, q_prev, alpha, 1e-9, torch.float32,
                                         buffers["prior_target"])[1]
-            batch_prior = self._global_mean(torch.softmax(z_w, dim=-1).mean(0), n)
+            batch_prior, pre_count = self._global_mean(
+                weighted_prior(torch.softmax(z_w, dim=-1), prior_weight), count)
             q_new, _ = momentum_update(q_prev, batch_prior, self.prior_momentum)
+            if weighted:                        # no row to estimate from: Q stays
+                q_new = torch.where(pre_count > 0, q_new, q_prev)
             c = self.num_classes
             kl = ((1.0 / c) * torch.log((1.0 / c) / q_new.clamp_min(1e-30))).sum()
             frozen = buffers["temperature_frozen"]
@@ -236,7 +301,8 @@ class ADELLOLoss(nn.Module):
                               threshold=self.threshold, lambda_u=self.lambda_u,
                               lambda_d=self.lambda_d, distill=step >= self.distill_start,
                               temperature=temperature, prior_estimator=self.prior_estimator,
-                              prior_target=target, backend=backend, validate=False)
+                              prior_target=target, prior_weight=prior_weight,
+                              distill_all=self.distill_all, backend=backend, validate=False)
         else:
             # Every fused backend: one op for the whole step (prologue from the state, rows,
             # reduce and, unless the batch prior must first be all-reduced, the prior/step
@@ -248,7 +314,7 @@ class ADELLOLoss(nn.Module):
                     self.alpha_min, self.power, self.distill_start, self.lambda_u,
                     self.lambda_d, 1e-9, self.flexda, self.threshold, self.prior_momentum,
                     fused_update, self.prior_estimator == "em", buffers["prior_target"],
-                    self.alpha_epoch_steps)
+                    self.alpha_epoch_steps, prior_weight, self.distill_all)
             out = FlexDAOutput(loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels,
                                prior_batch)
 
@@ -258,23 +324,30 @@ class ADELLOLoss(nn.Module):
             buffers["temperature_frozen"].logical_or_(freeze_now)
         if backend == "reference" or not fused_update:
             acc = buffers["_pending_prior"]
+            wacc = buffers["_pending_weight"]
             if not update:                      # a micro-batch: accumulate, advance nothing
-                acc.add_(out.prior_batch.detach().to(acc.dtype) * n)
+                acc.add_(_weighted(out.prior_batch.detach().to(acc.dtype), count))
+                wacc.add_(count)
                 self._pending_rows = pending + n
+                self._pending_weighted = self._pending_weighted or weighted
                 return out
             if pending:                         # the step's last micro-batch
-                batch_prior = (acc + out.prior_batch.detach().to(acc.dtype) * n) / (pending + n)
-                n = pending + n
+                total = acc + _weighted(out.prior_batch.detach().to(acc.dtype), count)
+                weighted = weighted or self._pending_weighted
+                count = wacc + count if weighted else pending + n
+                batch_prior = total / count
                 acc.zero_()
+                wacc.zero_()
                 self._pending_rows = 0
+                self._pending_weighted = False
             elif self.imbalance_aware:
-                pass                            # the pre-pass's prior, already all-reduced
+                count = pre_count               # the pre-pass's prior, already all-reduced
             else:
                 batch_prior = out.prior_batch.detach()
             if not self.imbalance_aware:
-                batch_prior = self._global_mean(batch_prior, n)
+                batch_prior, count = self._global_mean(batch_prior, count)
             update_prior_(prior_ulb, step_buf, buffers["skipped_updates"], batch_prior,
-                          self.prior_momentum)
+                          self.prior_momentum, has_rows=(count > 0) if weighted else None)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -290,7 +363,9 @@ class ADELLOLoss(nn.Module):
                                       unexpected_keys, error_msgs)
         # A loaded state starts between optimizer steps: no micro-batch is pending.
         self._buffers["_pending_prior"].zero_()
+        self._buffers["_pending_weight"].zero_()
         self._pending_rows = 0
+        self._pending_weighted = False
 
     def _state_errors(self, state_dict, prefix: str) -> list[str]:
         """What is wrong with this module's entries of `state_dict` (empty: loadable). Reads the

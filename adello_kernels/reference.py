@@ -33,7 +33,8 @@ class FlexDAOutput(NamedTuple):
     mask          [N] fp32 of 0/1: max weak probability >= threshold
     pseudo_labels [N] int64: first-index argmax of the weak probabilities
     prior_batch   [C] fp32: mean over the N rows of softmax(logits_ulb_w) (prior_estimator
-                  "raw"), or of softmax(logits_ulb_w + du) ("em")
+                  "raw"), or of softmax(logits_ulb_w + du) ("em"); with prior_weight w the
+                  w-weighted mean (rows of weight 0 left out; NaN when every weight is 0)
     (fp64 in place of fp32 when the logits are fp64.)
     """
 
@@ -130,7 +131,9 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                      threshold: float = 0.95, lambda_u: float = 1.0, lambda_d: float = 1.0,
                      distill: Scalar = True, temperature: Scalar = 1.0,
                      eps: float = 1e-9, prior_estimator: str = "raw",
-                     prior_target: Optional[torch.Tensor] = None) -> FlexDAOutput:
+                     prior_target: Optional[torch.Tensor] = None,
+                     prior_weight: Optional[torch.Tensor] = None,
+                     distill_all: bool = False) -> FlexDAOutput:
     """One ADELLO step in plain PyTorch (no input validation: see `flexda_loss`).
 
     Args: as `adello_kernels.flexda_loss`. Returns a `FlexDAOutput` whose `loss` is
@@ -165,11 +168,12 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     loss_unsup = (F.cross_entropy(a, pseudo_labels, reduction="none") * mask).mean()
 
     # Distillation on the low-confidence rows, soft targets q = softmax(z_w / T) (no gradient):
-    # L_d = (1/N) sum_i (1 - M_i) H(q_i, softmax(a_i / T)),  H(q, p) = -sum_c q_c log p_c, no T**2.
+    # L_d = (1/N) sum_i (1 - M_i) H(q_i, softmax(a_i / T)),  H(q, p) = -sum_c q_c log p_c, no T**2
+    # (on every row, weight 1, with distill_all: the released distill_all option).
     t = _as_tensor(temperature, a)
     q = torch.softmax(z_w / t, dim=-1)
     h = -(q * torch.log_softmax(a / t, dim=-1)).sum(dim=-1)
-    loss_distill_raw = (h * (1.0 - mask)).mean()
+    loss_distill_raw = (h if distill_all else h * (1.0 - mask)).mean()
     # Off (distill False / step < t0): the term is left out entirely, as the released code does.
     gate = _as_tensor(distill, a) != 0
     loss_distill = torch.where(gate, loss_distill_raw, torch.zeros_like(loss_distill_raw))
@@ -180,13 +184,28 @@ def flexda_reference(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     # posteriors adjusted from the training prior the logits are pulled to (Qa) to the current
     # estimate Q, softmax(z_w + log(Q + eps) - log(Qa + eps)) = softmax(z_w + du): one EM step
     # of Saerens, Latinne and Decaestecker (2002) per batch.
-    prior_batch = (torch.softmax(z_w + du, dim=-1) if prior_estimator == "em" else pw).mean(dim=0)
+    rows = torch.softmax(z_w + du, dim=-1) if prior_estimator == "em" else pw
+    prior_batch = weighted_prior(rows, prior_weight)
     return FlexDAOutput(loss, loss_sup.detach(), loss_unsup.detach(), loss_distill.detach(),
                         mask, pseudo_labels, prior_batch)
 
 
+def weighted_prior(rows: torch.Tensor, prior_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The batch prior from the [N, C] per-row distributions: their mean, or with `prior_weight`
+    w [N] (finite, >= 0) sum_i w_i rows_i / sum_i w_i over the rows with w_i > 0 only (a row
+    of weight 0 is left out entirely, so its NaN cannot reach the prior: the released
+    `lb_in_ulb_mask` selection); all NaN when no row has a positive weight (no estimate: the
+    step then leaves Q as it is, docs/method.md, Prior update)."""
+    if prior_weight is None:
+        return rows.mean(dim=0)
+    w = prior_weight.to(rows.dtype)
+    keep = (w > 0)[:, None]
+    total = (torch.where(keep, rows * w[:, None], 0.0)).sum(dim=0)
+    return total / w.sum()
+
+
 def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb,
-                         hparams, threshold):
+                         hparams, threshold, prior_weight=None, distill_all=False):
     """The fused op's contract (adello_kernels/ops/flexda.py) written with the closed-form
     gradients of docs/method.md (Gradients) instead of autograd. Tests check it against autograd of
     `flexda_reference`, and every kernel against it, output by output.
@@ -212,7 +231,8 @@ def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_l
     pw = torch.softmax(z_w, dim=-1)
     max_pw, yhat = pw.max(dim=-1)
     mask = (max_pw >= threshold).to(acc)
-    prior_batch = torch.where(hp[HP_PRIOR_EM] != 0, torch.softmax(z_w + du, dim=-1), pw).mean(0)
+    prior_batch = weighted_prior(torch.where(hp[HP_PRIOR_EM] != 0, torch.softmax(z_w + du, dim=-1),
+                                             pw), prior_weight)
 
     # strong rows: consistency on M, distillation on 1 - M
     a = z_s + du
@@ -220,11 +240,12 @@ def flexda_fwd_reference(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_l
     loss_unsup = -(logp_s.gather(1, yhat[:, None])[:, 0] * mask).sum() / n
     q = torch.softmax(z_w / t, dim=-1)
     logp_st = torch.log_softmax(a / t, dim=-1)
-    loss_distill = torch.where(on, -((q * logp_st).sum(-1) * (1 - mask)).sum() / n, 0.0)
+    d_rows = torch.ones_like(mask) if distill_all else 1 - mask   # the rows that distil
+    loss_distill = torch.where(on, -((q * logp_st).sum(-1) * d_rows).sum() / n, 0.0)
     # dL/dz_s = (lambda_u M (softmax(a) - onehot(yhat))
-    #            + g lambda_d (1-M) (softmax(a/T) - q) / T) / N
+    #            + g lambda_d D (softmax(a/T) - q) / T) / N,   D = 1 - M, or 1 with distill_all
     g_u = lambda_u * mask[:, None] * (logp_s.exp() - F.one_hot(yhat, z_s.shape[1]).to(acc))
-    g_d = torch.where(on, lambda_d * (1 - mask)[:, None] * (logp_st.exp() - q) / t, 0.0)
+    g_d = torch.where(on, lambda_d * d_rows[:, None] * (logp_st.exp() - q) / t, 0.0)
     grad_s = (g_u + g_d) / n
 
     loss = loss_sup + lambda_u * loss_unsup + lambda_d * loss_distill

@@ -36,8 +36,9 @@ using StepFn = Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                        const at::Tensor&, int64_t, double, double, int64_t, double, double,
                        double, bool, double, double, bool, bool,
-                       const std::optional<at::Tensor>&, int64_t);
-constexpr size_t kNumInputs = 23;  // tensors and scalars of the schema, in order
+                       const std::optional<at::Tensor>&, int64_t,
+                       const std::optional<at::Tensor>&, bool);
+constexpr size_t kNumInputs = 25;  // tensors and scalars of the schema, in order
 constexpr size_t kLogitsLb = 0, kLogitsUlbS = 3;
 
 // True for an ordinary tensor of a real device: no tracing (Python / functionalization / fake)
@@ -61,7 +62,8 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
       int64_t total_steps, double alpha_min, double power, int64_t distill_start,
       double lambda_u, double lambda_d, double eps, bool flexda, double threshold,
       double prior_momentum, bool update, bool prior_em,
-      const std::optional<at::Tensor>& prior_target, int64_t alpha_epoch_steps) {
+      const std::optional<at::Tensor>& prior_target, int64_t alpha_epoch_steps,
+      const std::optional<at::Tensor>& prior_weight, bool distill_all) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("adello::flexda_step", "")
                                .typed<StepFn>();
@@ -71,7 +73,7 @@ class FlexdaStep : public torch::autograd::Function<FlexdaStep> {
       out = op.call(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
                     skipped_updates, temperature, total_steps, alpha_min, power, distill_start,
                     lambda_u, lambda_d, eps, flexda, threshold, prior_momentum, update,
-                    prior_em, prior_target, alpha_epoch_steps);
+                    prior_em, prior_target, alpha_epoch_steps, prior_weight, distill_all);
     }
     if (update) {
       for (const at::Tensor* s : {&prior_ulb, &step, &skipped_updates}) {
@@ -126,12 +128,13 @@ Outputs flexda_step_autograd(const at::Tensor& logits_lb, const at::Tensor& labe
                              int64_t distill_start, double lambda_u, double lambda_d, double eps,
                              bool flexda, double threshold, double prior_momentum, bool update,
                              bool prior_em, const std::optional<at::Tensor>& prior_target,
-                             int64_t alpha_epoch_steps) {
+                             int64_t alpha_epoch_steps,
+                             const std::optional<at::Tensor>& prior_weight, bool distill_all) {
   const auto out = FlexdaStep::apply(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb,
                                      prior_ulb, step, skipped_updates, temperature, total_steps,
                                      alpha_min, power, distill_start, lambda_u, lambda_d, eps,
                                      flexda, threshold, prior_momentum, update, prior_em,
-                                     prior_target, alpha_epoch_steps);
+                                     prior_target, alpha_epoch_steps, prior_weight, distill_all);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 

@@ -127,6 +127,17 @@ def hparams_tensor(lambda_u, lambda_d, gate, temperature, acc, device="cpu",
     return hp
 
 
+def random_weights(kind: str, n: int, gen: torch.Generator, acc=torch.float32) -> torch.Tensor:
+    """[N] prior weights: "01" (about half the rows), "pos" (in (0.1, 2.1)), "zero"."""
+    if kind == "01":
+        return (torch.rand(n, generator=gen) < 0.5).to(acc)
+    if kind == "pos":
+        return (torch.rand(n, generator=gen) * 2 + 0.1).to(acc)
+    if kind == "zero":
+        return torch.zeros(n, dtype=acc)
+    raise KeyError(kind)
+
+
 def plant_ties(z_w: torch.Tensor, gen: torch.Generator, frac: float = 0.3) -> torch.Tensor:
     """Copies of z_w where a fraction of the rows has its two largest logits exactly tied (in
     z_w's dtype) and another fraction tied to within half the exempt window (representable in
@@ -155,12 +166,17 @@ def fwd_args(b: int, n: int, c: int, dtype=torch.float32, *, seed: int = 0, scal
              alpha: float = 0.6, lambda_u: float = 0.8, lambda_d: float = 1.3, gate: bool = True,
              temperature: float = 1.0, threshold: float = 0.95, prior_zeros: bool = False,
              confident_frac: float = 0.5, ties: bool = False, threshold_on_row: bool = False,
-             prior_em: bool = False, device="cpu"):
-    """The 8 arguments of adello::flexda_fwd, with ds, du as every path builds them (float64,
-    rounded once to the accumulate dtype) and non-unit lambdas so that a swapped weight shows.
+             prior_em: bool = False, weights: str = "", distill_all: bool = False,
+             device="cpu"):
+    """The 8 arguments of adello::flexda_fwd (more with the options below), with ds, du as every
+    path builds them (float64, rounded once to the accumulate dtype) and non-unit lambdas so
+    that a swapped weight shows.
     `ties` plants exact and near ties in the weak rows; `threshold_on_row` sets tau to one weak
     row's exact maximum probability (the inclusive comparison decides that row); `prior_em`
-    asks for the EM batch prior (hparams slot HP_PRIOR_EM)."""
+    asks for the EM batch prior (hparams slot HP_PRIOR_EM); `weights` adds the 9th argument,
+    prior_weight: "01" random 0/1 (the released lb_in_ulb_mask), "pos" random positive, "zero"
+    all 0 (no row to estimate from: the prior is NaN); `distill_all` the 10th, True (every row
+    distils)."""
     z_l, y, z_w, z_s, p_l, q = make_inputs(b, n, c, dtype=dtype, seed=seed, scale=scale,
                                            confident_frac=confident_frac,
                                            prior_zeros=prior_zeros)
@@ -175,6 +191,10 @@ def fwd_args(b: int, n: int, c: int, dtype=torch.float32, *, seed: int = 0, scal
     ds, du = adjustments(p_l, q, alpha, 1e-9, acc)
     hp = hparams_tensor(lambda_u, lambda_d, gate, temperature, acc, prior_em=prior_em)
     args = [z_l, y, z_w, z_s, ds, du, hp, float(threshold)]
+    if weights or distill_all:
+        args.append(random_weights(weights, n, gen, acc) if weights else None)
+    if distill_all:
+        args.append(True)
     return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
 
 
@@ -184,10 +204,13 @@ def fwd_args(b: int, n: int, c: int, dtype=torch.float32, *, seed: int = 0, scal
 
 def reference_outputs(args):
     """The float64 closed-form reference on exactly the kernel's inputs (on the CPU)."""
-    z_l, y, z_w, z_s, ds, du, hp, threshold = (a.detach().cpu() if isinstance(a, torch.Tensor)
-                                               else a for a in args)
+    z_l, y, z_w, z_s, ds, du, hp, threshold, *rest = (
+        a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    w = rest[0] if rest else None
     return flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds.double(),
-                                du.double(), hp.double(), threshold)
+                                du.double(), hp.double(), threshold,
+                                None if w is None else w.double(),
+                                bool(rest[1]) if len(rest) > 1 else False)
 
 
 def reference_op_outputs(z_l, y, z_w, z_s, prior_lb, prior_ulb, alpha, *, threshold=0.95,
@@ -221,12 +244,13 @@ def excused_rows(z_w: torch.Tensor, threshold: float) -> torch.Tensor:
     return near_tau | near_tie
 
 
-def unlabeled_row_terms(z_w, z_s, du, hp, mask, yhat, n=None):
+def unlabeled_row_terms(z_w, z_s, du, hp, mask, yhat, n=None, distill_all=False):
     """Per-row float64 contributions of the unlabeled rows under the given decisions:
-    (u [N]: M_i CE(yhat_i, softmax(a_i)) / N, d [N]: [gate] (1 - M_i) H(q_i, softmax(a_i/T)) / N,
+    (u [N]: M_i CE(yhat_i, softmax(a_i)) / N, d [N]: [gate] D_i H(q_i, softmax(a_i/T)) / N,
     grad [N, C]: the row's dloss/dlogits_ulb_s), N = `n` (the batch's row count; default: the
-    rows given). Used to re-score exempt rows on which a backend decided differently from the
-    reference; test_contract.py checks it against the reference."""
+    rows given), D_i = 1 - M_i (1 with `distill_all`). Used to re-score exempt rows on which a
+    backend decided differently from the reference; test_contract.py checks it against the
+    reference."""
     z_w, z_s, du, hp = (x.detach().double().cpu() for x in (z_w, z_s, du, hp))
     m = mask.detach().double().cpu()
     yhat = yhat.detach().cpu()
@@ -238,9 +262,10 @@ def unlabeled_row_terms(z_w, z_s, du, hp, mask, yhat, n=None):
     u = m * -logp.gather(1, yhat[:, None])[:, 0] / n
     q = torch.softmax(z_w / t, -1)
     logpt = torch.log_softmax(a / t, -1)
-    d = torch.where(gate, (1 - m) * -(q * logpt).sum(-1) / n, 0.0)
+    dm = torch.ones_like(m) if distill_all else 1 - m
+    d = torch.where(gate, dm * -(q * logpt).sum(-1) / n, 0.0)
     g = lu * m[:, None] * (logp.exp() - F.one_hot(yhat, c).double())
-    g = g + torch.where(gate, ld * (1 - m)[:, None] * (logpt.exp() - q) / t, 0.0)
+    g = g + torch.where(gate, ld * dm[:, None] * (logpt.exp() - q) / t, 0.0)
     return u, d, g / n
 
 
@@ -272,9 +297,9 @@ def _close_grad(name, got, want, tol: Tolerance, what):
 def check_outputs(got, args, *, what: str = "", want=None) -> dict:
     """Every output of a `flexda_fwd`-schema call against the float64 reference, at the contract
     tolerances, exempt rows re-scored (module docstring). `args`: the 8 arguments exactly as the
-    backend got them. Returns counts of what the exemption rule touched, for the tests'
-    own checks that the exemption paths are exercised."""
-    z_l, y, z_w, z_s, ds, du, hp, threshold = args
+    backend got them (9 with prior_weight). Returns counts of what the exemption rule touched,
+    for the tests' own checks that the exemption paths are exercised."""
+    z_l, y, z_w, z_s, ds, du, hp, threshold = args[:8]
     dtype = z_l.dtype
     acc = accumulate_dtype(dtype)
     tol = TOLERANCES[dtype]
@@ -318,10 +343,11 @@ def check_outputs(got, args, *, what: str = "", want=None) -> dict:
     if bool(flipped.any()):
         rows = flipped.nonzero()[:, 0]
         sub = lambda x: x.detach().cpu()[rows]  # noqa: E731
+        dall = len(args) > 9 and bool(args[9])
         u_got, d_got, g_got = unlabeled_row_terms(sub(z_w), sub(z_s), du, hp, mask[rows],
-                                                  pl[rows], n)
+                                                  pl[rows], n, dall)
         u_ref, d_ref, _ = unlabeled_row_terms(sub(z_w), sub(z_s), du, hp, w_mask[rows],
-                                              w_pl[rows], n)
+                                              w_pl[rows], n, dall)
         du_sum, dd_sum = float((u_got - u_ref).sum()), float((d_got - d_ref).sum())
         w_terms[1] += du_sum
         w_terms[2] += dd_sum
@@ -335,7 +361,11 @@ def check_outputs(got, args, *, what: str = "", want=None) -> dict:
         _close_loss(name, terms[k], w_terms[k], tol.loss_rtol, floor, what)
     if float(hp[HP_GATE]) == 0:
         assert float(terms[2]) == 0.0, f"{what}: distillation gate off but terms[2] = {terms[2]}"
-    p_err = float((prior.double() - w_prior.double()).abs().max())
+    nan_got, nan_want = torch.isnan(prior), torch.isnan(w_prior)
+    assert torch.equal(nan_got, nan_want), \
+        f"{what}: prior_batch NaN at {nan_got.nonzero().flatten().tolist()[:5]}, the reference " \
+        f"at {nan_want.nonzero().flatten().tolist()[:5]}"
+    p_err = float((prior.double() - w_prior.double()).nan_to_num(0.0).abs().max())
     assert p_err <= tol.prior_tol, f"{what}: prior_batch err {p_err:.3g} > {tol.prior_tol:.3g}"
     _close_grad("grad_lb", g_lb, w_g_lb, tol, what)
     _close_grad("grad_ulb_s", g_s, w_g_s, tol, what)
@@ -381,13 +411,16 @@ class StepConfig:
     prior_em: bool = False
     gt_target: bool = False      # a fixed target prior (the released "adello_gt" mode)
     alpha_epoch_steps: int = 1   # alpha per epoch of this many steps (1: per step)
+    weights: str = ""            # prior weights each step (random_weights kind; "" none)
+    distill_all: bool = False    # every row distils
 
-    def op_tail(self, update: bool, prior_target=None):
+    def op_tail(self, update: bool, prior_target=None, prior_weight=None):
         """The op's arguments after `temperature`, in schema order (`prior_target`: the fixed
-        target prior of a gt_target config)."""
+        target prior of a gt_target config; `prior_weight`: the step's [N] weights)."""
         return [self.total_steps, self.alpha_min, self.power, self.distill_start, self.lambda_u,
                 self.lambda_d, self.eps, self.flexda, self.threshold, self.prior_momentum, update,
-                self.prior_em, prior_target, self.alpha_epoch_steps]
+                self.prior_em, prior_target, self.alpha_epoch_steps, prior_weight,
+                self.distill_all]
 
 
 def step_fwd_args(z_l, y, z_w, z_s, prior_lb, prior_ulb, t: int, temperature: float,

@@ -136,6 +136,8 @@ class Case:
     prior_zeros: bool
     confident_frac: float
     prior_em: bool
+    weights: str = ""   # prior_weight: "" none, "01", "pos", "zero" (contract.fwd_args)
+    distill_all: bool = False   # every row distils (the released distill_all)
 
     @property
     def id(self):
@@ -143,7 +145,8 @@ class Case:
         return (f"B{self.b}-N{self.n}-C{self.c}-{K.DTYPE_IDS[self.dtype]}-T{self.temperature}-"
                 f"{'gate' if self.gate else 'nogate'}-lu{self.lambda_u}-ld{self.lambda_d}-{tau}"
                 f"{'-ties' if self.ties else ''}{'-p0' if self.prior_zeros else ''}"
-                f"{'-em' if self.prior_em else ''}")
+                f"{'-em' if self.prior_em else ''}{'-w' + self.weights if self.weights else ''}"
+                f"{'-dall' if self.distill_all else ''}")
 
     def args(self):
         return K.fwd_args(self.b, self.n, self.c, self.dtype, seed=self.seed, scale=self.scale,
@@ -151,7 +154,8 @@ class Case:
                           gate=self.gate, temperature=self.temperature,
                           threshold=self.threshold, threshold_on_row=self.threshold_on_row,
                           ties=self.ties, prior_zeros=self.prior_zeros,
-                          confident_frac=self.confident_frac, prior_em=self.prior_em)
+                          confident_frac=self.confident_frac, prior_em=self.prior_em,
+                          weights=self.weights, distill_all=self.distill_all)
 
 
 def _log_uniform_int(gen, lo: int, hi: int) -> int:
@@ -181,7 +185,9 @@ def contract_cases(backend: str) -> list[Case]:
             lambda_u=pick(LAMBDAS), lambda_d=pick(LAMBDAS), gate=k % 3 != 2,
             temperature=TEMPERATURES[k % len(TEMPERATURES)], threshold=pick(THRESHOLDS),
             threshold_on_row=k % 4 == 1, ties=k % 3 == 0, prior_zeros=k % 2 == 1,
-            confident_frac=float(torch.rand((), generator=gen)), prior_em=k % 4 in (1, 2)))
+            confident_frac=float(torch.rand((), generator=gen)), prior_em=k % 4 in (1, 2),
+            weights={1: "01", 3: "pos", 5: "zero" if k % 10 == 5 else "01"}.get(k % 6, ""),
+            distill_all=k % 5 == 2))
     return cases
 
 
@@ -196,15 +202,19 @@ harness_only = pytest.mark.skipif(INTERPRETED, reason="backend-independent: runs
 
 
 @harness_only
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_row_terms_reproduce_the_reference(seed):
     """`unlabeled_row_terms` (used to re-score exempt rows) summed over the rows with the
-    reference's own decisions gives the reference's L_u, L_d, loss and grad_ulb_s."""
-    gate, t = seed != 2, [1.0, 0.6, 2.0, 1.0][seed]
-    args = K.fwd_args(9, 23, [2, 5, 64, 300][seed], torch.float64, seed=seed, temperature=t,
-                      gate=gate, prior_zeros=seed % 2 == 1, threshold=0.8)
+    reference's own decisions gives the reference's L_u, L_d, loss and grad_ulb_s (seeds 4, 5:
+    distill_all)."""
+    gate, t = seed != 2, [1.0, 0.6, 2.0, 1.0, 1.0, 0.6][seed]
+    dall = seed >= 4
+    args = K.fwd_args(9, 23, [2, 5, 64, 300, 7, 40][seed], torch.float64, seed=seed,
+                      temperature=t, gate=gate, prior_zeros=seed % 2 == 1, threshold=0.8,
+                      distill_all=dall)
     want = K.reference_outputs(args)
-    u, d, g = K.unlabeled_row_terms(args[2], args[3], args[5], args[6], want[2], want[3])
+    u, d, g = K.unlabeled_row_terms(args[2], args[3], args[5], args[6], want[2], want[3],
+                                    distill_all=dall)
     torch.testing.assert_close(u.sum(), want[1][1], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(d.sum(), want[1][2], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(g, want[6], rtol=1e-12, atol=1e-15)
@@ -433,7 +443,15 @@ STEP_VARIANTS = {  # name: (dtype, StepConfig overrides, T)
     "fp64-flexda-T0.625-gt-em-epoch2": (torch.float64, dict(gt_target=True, prior_em=True,
                                                             alpha_epoch_steps=2), 0.625),
     "bf16-flexda-T1-epoch4": (torch.bfloat16, dict(alpha_epoch_steps=4), 1.0),
+    # per-row prior weights (the released lb_in_ulb_mask); the last step's are all 0
+    "fp32-flexda-T1-w01": (torch.float32, dict(weights="01"), 1.0),
+    "fp64-flexda-T0.5-wpos-em": (torch.float64, dict(weights="pos", prior_em=True), 0.5),
+    # distillation on every row (the released distill_all), T = 1 and T != 1
+    "fp32-flexda-T1-dall": (torch.float32, dict(distill_all=True, threshold=0.5), 1.0),
+    "bf16-flexda-T0.5-dall-w01": (torch.bfloat16, dict(distill_all=True, weights="01",
+                                                       threshold=0.5), 0.5),
 }
+ALL_ZERO_STEP = len(STEP_PLAN) - 1   # with weights: no row to estimate from
 STEP_SHAPES = {"cpu": (33, 70, 257), "cuda": (5, 12, 130), "triton": (6, 10, 37)}
 
 
@@ -469,11 +487,21 @@ def test_step_op_over_several_steps(backend, variant):
             y[b // 3] = c
         q_prev, t_prev, skipped_prev = q.clone(), int(step), int(skipped)
         args = K.step_fwd_args(z_l, y, z_w, z_s, p_l, q_prev, t_prev, temperature, cfg, p_t)
+        w = None
+        if cfg.weights:
+            w = K.random_weights("zero" if k == ALL_ZERO_STEP else cfg.weights, n, gen,
+                                 args[4].dtype)
+            if nan_row:
+                w[n // 2] = 1.0   # the NaN row counts (a weight-0 NaN row: the fwd cases)
+            args.append(w)
+        if cfg.distill_all:
+            args += [None, True] if w is None else [True]
         zl, zs = z_l.clone(), z_s.clone()
         if be.step_differentiable:
             zl.requires_grad_()
             zs.requires_grad_()
-        out = be.step(zl, y, z_w, zs, p_l, q, step, skipped, temp, *cfg.op_tail(update, p_t))
+        out = be.step(zl, y, z_w, zs, p_l, q, step, skipped, temp,
+                      *cfg.op_tail(update, p_t, w))
         assert len(out) == 9, what
         got = K.step_outputs_as_fwd([x.detach() for x in out])
         if nan_row:
@@ -503,6 +531,9 @@ def test_step_op_over_several_steps(backend, variant):
             assert int(skipped) == skipped_prev + 1, f"{what}: skipped_updates not counted"
             continue
         assert int(skipped) == skipped_prev, f"{what}: skipped_updates changed"
+        if w is not None and not bool((w > 0).any()):
+            assert torch.equal(q, q_prev), f"{what}: Q changed with every prior weight 0"
+            continue
         assert q.dtype == torch.float32
         q_want, ok = momentum_update(q_prev, got[4].float(), cfg.prior_momentum)
         assert bool(ok)

@@ -74,6 +74,9 @@ BAD_KEYWORD = [
     ("prior_estimator", "EM"), ("prior_estimator", True),
     ("prior_target", torch.full((4,), 0.25)), ("prior_target", torch.full((5,), 0.5)),
     ("prior_target", [0.2] * 5),
+    ("prior_weight", torch.ones(3)), ("prior_weight", torch.ones(4, dtype=torch.int64)),
+    ("prior_weight", torch.tensor([1.0, -1.0, 1.0, 1.0])),
+    ("distill_all", 1), ("distill_all", None),
 ]
 
 

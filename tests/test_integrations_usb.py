@@ -98,8 +98,7 @@ def test_temperature_and_distillation_switches():
     assert usb.adello_loss_kwargs({**base, "lambda_distill": 0.3})["lambda_d"] == 0.3
 
 
-@pytest.mark.parametrize("key,value", [("return_lb_in_ulb_mask", True),
-                                       ("adello_mode", "udal")])
+@pytest.mark.parametrize("key,value", [("adello_mode", "udal")])
 def test_options_not_supported_yet_are_refused_by_name(key, value):
     with pytest.raises(ValueError, match=f"^{key}"):
         usb.adello_loss_kwargs({**SHARED, key: value})
@@ -138,6 +137,32 @@ def test_adello_gt_takes_the_unlabeled_class_counts_as_target():
         usb.adello_loss_from_args(args, [6, 3, 1], ulb_class_counts=[0, 0, 0])
 
 
+@pytest.mark.parametrize("backend", [b for b in ak.available_backends() if b != "triton"])
+def test_lb_in_ulb_mask_estimates_the_prior_from_truly_unlabeled_rows(backend):
+    """The released compute_prob with lb_in_ulb_mask: delta_p = mean of probs[mask < 1], and no
+    update when no row qualifies (p_hat = m p_hat + (1 - m) p_hat)."""
+    c, b, n = 5, 3, 8
+    args = dict(SHARED, num_train_iter=10, return_lb_in_ulb_mask=True, adello_ema_p=0.7)
+    crit = usb.adello_loss_from_args(args, [5, 4, 3, 2, 1], backend=backend)
+    p_hat = torch.full((c,), 1.0 / c, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    for it in range(4):
+        logits = torch.randn(b + 2 * n, c, generator=gen) * 3
+        y = torch.randint(0, c, (b,), generator=gen)
+        lb_in_ulb = (torch.rand(n, generator=gen) < 0.4).long()
+        if it == 2:
+            lb_in_ulb.fill_(1)                      # every unlabeled row is a labeled image
+        usb.train_step_outputs(crit, logits, y, lb_in_ulb_mask=lb_in_ulb)
+        probs = torch.softmax(logits[b:b + n].double(), -1)
+        keep = lb_in_ulb < 1
+        delta = probs[keep].mean(0) if bool(keep.any()) else p_hat
+        p_hat = 0.7 * p_hat + 0.3 * delta
+        torch.testing.assert_close(crit.prior_ulb.double(), p_hat, rtol=0, atol=1e-6)
+    assert int(crit.skipped_updates) == 0
+    with pytest.raises(ValueError, match="^lb_in_ulb_mask"):
+        usb.train_step_outputs(crit, logits, y, lb_in_ulb_mask=torch.zeros(n + 1))
+
+
 def released_step(z_l, y, z_w, z_s, p_data, p_hat, p_target, it, args):
     """One step of the released losses written from their equations in float64 (its
     FlexDASupervisedLoss / FlexDAConsistencyLoss with adello_mode, adello_alpha_from_epoch,
@@ -160,20 +185,24 @@ def released_step(z_l, y, z_w, z_s, p_data, p_hat, p_target, it, args):
     loss = sup + args["ulb_loss_ratio"] * unsup
     if it >= (args.get("distill_start_iter") or 0):
         soft = -(probs * torch.log_softmax(adj, -1)).sum(-1)
-        loss = loss + (soft * (1 - mask)).mean()
+        rows = 1 - mask if args.get("distill_complement", True) else torch.ones_like(mask)
+        loss = loss + (soft * rows).mean()
     m = args.get("adello_ema_p", 0.999)
     return loss, m * p_hat + (1 - m) * probs.mean(0)
 
 
 @pytest.mark.parametrize("backend", [b for b in ak.available_backends() if b != "triton"])
-@pytest.mark.parametrize("mode,from_epoch", [("adello", True), ("adello_gt", False),
-                                             ("adello_gt", True)])
-def test_released_options_match_the_released_equations(backend, mode, from_epoch):
-    """adello_gt and adello_alpha_from_epoch through the adapter, several steps against the
-    released losses written from their equations (float64 loop): loss and prior trajectory."""
+@pytest.mark.parametrize("mode,from_epoch,every_row", [
+    ("adello", True, False), ("adello_gt", False, False), ("adello_gt", True, False),
+    ("adello", False, True), ("adello_gt", True, True)])
+def test_released_options_match_the_released_equations(backend, mode, from_epoch, every_row):
+    """adello_gt, adello_alpha_from_epoch and distill_all through the adapter, several steps
+    against the released losses written from their equations (float64 loop): loss and prior
+    trajectory."""
     c, b, n = 6, 5, 16
     args = dict(SHARED, num_train_iter=12, epoch=4, adello_alpha_from_epoch=from_epoch,
-                adello_mode=mode, distill_start_iter=3, adello_ema_p=0.8, p_cutoff=0.6)
+                adello_mode=mode, distill_start_iter=3, adello_ema_p=0.8, p_cutoff=0.6,
+                distill_complement=not every_row, distill_all=every_row)
     lb, ulb = [9, 6, 4, 3, 2, 1], [1, 2, 3, 5, 8, 13]
     crit = usb.adello_loss_from_args(args, lb, ulb if mode == "adello_gt" else None,
                                      backend=backend)
@@ -192,9 +221,16 @@ def test_released_options_match_the_released_equations(backend, mode, from_epoch
         torch.testing.assert_close(crit.prior_ulb.double(), p_hat, rtol=0, atol=2e-6)
 
 
-def test_distill_all_without_complement_is_refused():
-    with pytest.raises(ValueError, match="^distill_all"):
-        usb.adello_loss_kwargs({**SHARED, "distill_complement": False, "distill_all": True})
+def test_distill_all_maps_as_the_released_distill_mask():
+    """The released get_distill_mask: 1 - mask with distill_complement (distill_all then has no
+    effect), every row with distill_all alone, no distillation with neither."""
+    kw = usb.adello_loss_kwargs({**SHARED, "distill_complement": False, "distill_all": True,
+                                 "lambda_distill": 0.4})
+    assert kw["distill_all"] and kw["lambda_d"] == 0.4
+    kw = usb.adello_loss_kwargs({**SHARED, "distill_all": True})
+    assert not kw["distill_all"] and kw["lambda_d"] == 1.0
+    kw = usb.adello_loss_kwargs({**SHARED, "distill_complement": False})
+    assert not kw["distill_all"] and kw["lambda_d"] == 0.0
 
 
 def test_bad_counts_and_missing_iterations_are_clear_errors():

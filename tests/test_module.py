@@ -18,7 +18,7 @@ def batches(steps, b, n, c, seed=0, dtype=torch.float32, scale=4.0):
 
 
 def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0, flexda=True,
-                momentum=0.999, alpha_epoch_steps=1, **kw):
+                momentum=0.999, alpha_epoch_steps=1, weights=None, **kw):
     """docs/method.md step by step in float64, written independently of ADELLOLoss."""
     target = kw.pop("prior_target", None)
     c = prior_lb.shape[0]
@@ -39,8 +39,13 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
             qa = r.pow(alpha) / r.pow(alpha).sum()
             pw = pw * ((p_u + 1e-9) / (qa + 1e-9))
             pw = pw / pw.sum(-1, keepdim=True)
-        pb = pw.mean(0)
-        q_next = momentum * q + (1 - momentum) * pb
+        if weights is None:
+            pb = pw.mean(0)
+            q_next = momentum * q + (1 - momentum) * pb
+        else:   # the weighted mean over the rows of positive weight; none: Q stays
+            w = weights[t].double()
+            pb = (pw * w[:, None])[w > 0].sum(0) / w.sum()
+            q_next = momentum * q + (1 - momentum) * pb if bool((w > 0).any()) else q
         if temperature == "imbalance_aware":
             if gate and t_frozen is None:  # frozen from the prior after this step's update
                 t_frozen = math.exp(float(((1 / c) * torch.log((1 / c) / q_next)).sum()))
@@ -49,7 +54,8 @@ def manual_loop(prior_lb, data, total_steps, *, distill_start=0, temperature=1.0
             temp = temperature
         a, s = z_l.double().requires_grad_(), z_s.double().requires_grad_()
         out = flexda_reference(a, y, z_w.double(), s, p_l, p_u, alpha, distill=gate,
-                               temperature=temp, prior_target=r, **kw)
+                               temperature=temp, prior_target=r,
+                               prior_weight=None if weights is None else weights[t], **kw)
         outs.append((out, torch.autograd.grad(out.loss, (a, s))))
         q = q_next
     return outs, q, t_frozen
@@ -74,6 +80,13 @@ BACKENDS = [b for b in ak.available_backends() if b != "triton"]
     dict(momentum=0.5, gt=True, alpha_epoch_steps=2, prior_estimator="em", distill_start=2,
          temperature="imbalance_aware"),
     dict(gt=True, flexda=False),
+    # per-row prior weights (the released lb_in_ulb_mask), one step with every weight 0
+    dict(momentum=0.7, weighted=True),
+    dict(momentum=0.7, weighted=True, prior_estimator="em", distill_start=2,
+         temperature="imbalance_aware"),
+    # distillation on every row (the released distill_all)
+    dict(distill_all=True, threshold=0.6),
+    dict(distill_all=True, threshold=0.6, temperature=0.5, distill_start=2, weighted=True),
 ])
 def test_steps_match_manual_loop(kw, backend):
     kw = dict(kw)
@@ -86,20 +99,28 @@ def test_steps_match_manual_loop(kw, backend):
         target = torch.rand(c, generator=gen) ** 4
         kw["prior_target"] = target / target.sum()
     data = batches(6, 7, 11, c, scale=6.0)
+    weights = None
+    if kw.pop("weighted", False):
+        weights = [(torch.rand(11, generator=gen) < 0.6).float() for _ in data]
+        weights[2].zero_()
     crit = ak.ADELLOLoss(prior_lb, total, prior_momentum=momentum, backend=backend, **kw)
-    want, q, t_frozen = manual_loop(prior_lb, data, total, momentum=momentum, **kw)
+    want, q, t_frozen = manual_loop(prior_lb, data, total, momentum=momentum, weights=weights,
+                                    **kw)
     for step, (args, (w, w_grads)) in enumerate(zip(data, want)):
         z_l, y, z_w, z_s = args
         z_l, z_s = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
-        got = crit(z_l, y, z_w, z_s)
+        got = crit(z_l, y, z_w, z_s,
+                   **({} if weights is None else {"prior_weight": weights[step]}))
         for name in ("loss", "loss_sup", "loss_unsup", "loss_distill", "prior_batch"):
             torch.testing.assert_close(getattr(got, name).double(), getattr(w, name).double(),
-                                       rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+                                       rtol=1e-5, atol=1e-6, equal_nan=name == "prior_batch",
+                                       msg=f"step {step} {name}")
         assert torch.equal(got.pseudo_labels, w.pseudo_labels)
         for g, wg in zip(torch.autograd.grad(got.loss, (z_l, z_s)), w_grads):
             torch.testing.assert_close(g.double(), wg, rtol=0, atol=1e-6, msg=f"step {step} grad")
     torch.testing.assert_close(crit.prior_ulb.double(), q, rtol=1e-6, atol=1e-7)
     assert int(crit.step) == 6
+    assert int(crit.skipped_updates) == 0   # (an all-zero-weight step is not a skipped update)
     if kw.get("temperature") == "imbalance_aware":
         assert bool(crit.temperature_frozen)
         assert float(crit.temperature) == pytest.approx(t_frozen, rel=1e-5)
@@ -226,6 +247,7 @@ BAD_CONSTRUCTOR = [
     ("alpha_epoch_steps", dict(alpha_epoch_steps=0)),
     ("alpha_epoch_steps", dict(alpha_epoch_steps=11)),
     ("alpha_epoch_steps", dict(alpha_epoch_steps=2.0)),
+    ("distill_all", dict(distill_all=1)),
 ]
 
 
@@ -309,6 +331,44 @@ def test_gradient_accumulation_equals_the_whole_batch(backend, prior_estimator):
         torch.testing.assert_close(micro.prior_ulb, whole.prior_ulb, rtol=0, atol=1e-6)
         assert int(micro.step) == int(whole.step) == step + 1
         assert micro._pending_rows == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation_with_prior_weights_equals_the_whole_batch(backend):
+    """Weighted micro-batches: the prior update of the whole batch with its weights (the
+    weight sums, not the row counts, weigh the micro-batches; a micro-batch whose weights are
+    all 0 adds nothing, and a step whose weights are all 0 leaves Q)."""
+    k, b, n, c = 3, 2, 4, 6
+    prior_lb = torch.softmax(torch.randn(c, generator=torch.Generator().manual_seed(2)), 0)
+    whole = ak.ADELLOLoss(prior_lb, 50, prior_momentum=0.6, backend=backend)
+    micro = copy.deepcopy(whole)
+    gen = torch.Generator().manual_seed(5)
+    for step, args in enumerate(batches(3, k * b, k * n, c, seed=11)):
+        w = torch.rand(k * n, generator=gen) * 2
+        w[:n] = 0.0                               # the first micro-batch: no row counts
+        if step == 2:
+            w.zero_()                             # the whole step: nothing to estimate from
+        q_before = whole.prior_ulb.clone()
+        whole(*args, prior_weight=w)
+        for j in range(k):
+            rows = slice(j * n, (j + 1) * n)
+            micro(args[0][j * b:(j + 1) * b], args[1][j * b:(j + 1) * b], args[2][rows],
+                  args[3][rows], prior_weight=w[rows], update=j == k - 1)
+        torch.testing.assert_close(micro.prior_ulb, whole.prior_ulb, rtol=0, atol=1e-6)
+        assert int(micro.step) == int(whole.step) == step + 1
+        if step == 2:
+            assert torch.equal(whole.prior_ulb, q_before)
+    assert int(micro.skipped_updates) == int(whole.skipped_updates) == 0
+
+
+def test_prior_weights_are_validated_by_name():
+    crit = ak.ADELLOLoss(torch.full((3,), 1.0 / 3), 10, backend="reference")
+    args = make_inputs(2, 4, 3)[:4]
+    for bad in (torch.ones(3), torch.ones(4, dtype=torch.int64), torch.tensor([1.0, -1, 1, 1]),
+                torch.tensor([1.0, math.nan, 1, 1]), [1.0] * 4):
+        with pytest.raises(ValueError, match="^prior_weight"):
+            crit(*args, prior_weight=bad)
+    assert int(crit.step) == 0
 
 
 def test_gradient_accumulation_counts_a_non_finite_micro_batch_once():

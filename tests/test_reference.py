@@ -260,3 +260,47 @@ def test_em_prior_is_the_raw_posterior_reweighted_to_the_estimate(alpha):
         torch.testing.assert_close(em, raw, rtol=1e-12, atol=1e-14)
     else:  # the two estimators differ: the test above could fail
         assert float((em - raw).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_distill_all_closed_form_matches_autograd_and_adds_the_masked_rows(temperature):
+    """distill_all: the closed-form op reference equals autograd of flexda_reference, and L_d is
+    the complementary L_d plus (1/N) sum over the rows with M = 1 of H(q, softmax(a / T))."""
+    z_l, y, z_w, z_s, p_l, q = make_inputs(6, 20, 9, scale=2.0, dtype=torch.float64, seed=3)
+    kw = dict(threshold=0.6, lambda_u=1.3, lambda_d=0.7, temperature=temperature)
+    zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+    out = flexda_reference(zl, y, z_w, zs, p_l, q, 0.4, distill_all=True, **kw)
+    g_l, g_s = torch.autograd.grad(out.loss, (zl, zs))
+    ds, du = logit_adjustments(p_l, q, 0.4)
+    hp = torch.tensor([1.3, 0.7, 1.0, temperature, 0.0], **F64)
+    loss, terms, mask, _, _, cg_l, cg_s = flexda_fwd_reference(z_l, y, z_w, z_s, ds, du, hp, 0.6,
+                                                               distill_all=True)
+    torch.testing.assert_close(loss, out.loss.detach())
+    torch.testing.assert_close(terms[2], out.loss_distill)
+    torch.testing.assert_close(cg_l, g_l)
+    torch.testing.assert_close(cg_s, g_s)
+    m = out.mask
+    assert 0 < float(m.sum()) < m.numel(), "the case needs rows on both sides of the threshold"
+    comp = flexda_reference(z_l, y, z_w, z_s, p_l, q, 0.4, **kw)
+    a = (z_s + du) / temperature
+    h = -(torch.softmax(z_w / temperature, -1) * torch.log_softmax(a, -1)).sum(-1)
+    torch.testing.assert_close(out.loss_distill, comp.loss_distill + (h * m).sum() / m.numel())
+
+
+def test_prior_weights_select_rows_and_leave_out_weight_zero_nans():
+    """prior_weight: the weighted mean over the rows of positive weight; a NaN row of weight 0
+    does not reach the prior, one of weight 1 does; all weights 0: NaN (no estimate)."""
+    z_l, y, z_w, z_s, p_l, q = make_inputs(2, 5, 4, dtype=torch.float64, seed=1)
+    w = t(2.0, 0.0, 1.0, 0.0, 0.5)
+    pw = torch.softmax(z_w, -1)
+    want = (2 * pw[0] + pw[2] + 0.5 * pw[4]) / 3.5
+    out = flexda_reference(z_l, y, z_w, z_s, p_l, q, 0.5, prior_weight=w)
+    torch.testing.assert_close(out.prior_batch, want)
+    z_w[1, 2] = math.nan
+    out = flexda_reference(z_l, y, z_w, z_s, p_l, q, 0.5, prior_weight=w)
+    torch.testing.assert_close(out.prior_batch, want)
+    w[1] = 1.0
+    out = flexda_reference(z_l, y, z_w, z_s, p_l, q, 0.5, prior_weight=w)
+    assert bool(torch.isnan(out.prior_batch).all())
+    out = flexda_reference(z_l, y, z_w, z_s, p_l, q, 0.5, prior_weight=torch.zeros(5, **F64))
+    assert bool(torch.isnan(out.prior_batch).all())

@@ -73,28 +73,35 @@ def _aligned(kernel, attrs: dict, name: str) -> dict:
 
 def _fwd_pointer_types(dtype: torch.dtype, step: bool = False) -> dict[str, str]:
     """Pointer types of `_rows_kernel`: flexda_fwd_triton passes ds, du and hparams in the acc
-    dtype (and hparams again as the unused step pointer); flexda_step_triton the fp32 priors, the
-    fp32 temperature and the int64 step counter."""
+    dtype (du again as the unused target pointer, hparams as the unused step pointer);
+    flexda_step_triton the fp32 priors (the target prior: Q or a fixed one), the fp32
+    temperature and the int64 step counter. The prior weights are acc (or the mask buffer as a
+    placeholder when unweighted)."""
     e = TRITON_TYPE[dtype]
     a = "fp64" if dtype == torch.float64 else "fp32"
     types = {"zl_ptr": e, "zw_ptr": e, "zs_ptr": e, "glb_ptr": e, "gs_ptr": e,
              "y_ptr": "i64", "plab_ptr": "i64", "loss_part_ptr": a, "prior_part_ptr": a,
-             "mask_ptr": a}
+             "mask_ptr": a, "wt_ptr": a}
     if step:
-        types.update(adj_l_ptr="fp32", adj_u_ptr="fp32", hp_ptr="fp32", step_ptr="i64")
+        types.update(adj_l_ptr="fp32", adj_u_ptr="fp32", tgt_ptr="fp32", hp_ptr="fp32",
+                     step_ptr="i64")
     else:
-        types.update(adj_l_ptr=a, adj_u_ptr=a, hp_ptr=a, step_ptr=a)
+        types.update(adj_l_ptr=a, adj_u_ptr=a, tgt_ptr=a, hp_ptr=a, step_ptr=a)
     return types
 
 
 def _rows_constexprs(cfg, mode: str) -> dict:
     """mode: 'fwd' (flexda_fwd_triton: raw and EM batch prior in one kernel, the estimator read
     from hparams), 'step' (flexda_step_triton, flexda on), 'step-noflexda', 'step-em' (flexda
-    on, prior_em=True: the PRIOR_EM specialisation)."""
-    adj = {"fwd": ft.ADJ_LOADED, "step": ft.ADJ_PRIORS, "step-noflexda": ft.ADJ_ZERO,
-           "step-em": ft.ADJ_PRIORS}[mode]
+    on, prior_em=True: the PRIOR_EM specialisation); a '-w' suffix adds the per-row prior
+    weights (the WEIGHTED specialisation), a '-dall' suffix distill_all (DISTILL_ALL: every row
+    distils), e.g. 'step-w', 'fwd-dall', 'step-em-w-dall'."""
+    tokens = mode.split("-")
+    fwd = tokens[0] == "fwd"
+    adj = ft.ADJ_LOADED if fwd else ft.ADJ_ZERO if "noflexda" in tokens else ft.ADJ_PRIORS
     return {"ROWS": cfg.rows, "BLOCK_C": cfg.block_c, "LOOP_C": cfg.loop_c,
-            "ADJ": adj.value, "STEP": mode != "fwd", "PRIOR_EM": mode == "step-em"}
+            "ADJ": adj.value, "STEP": not fwd, "PRIOR_EM": "em" in tokens,
+            "WEIGHTED": "w" in tokens, "DISTILL_ALL": "dall" in tokens}
 
 
 def _local_memory_bytes(cubin: bytes, tmp_path) -> int | None:
@@ -125,7 +132,8 @@ def _check_binary(compiled, arch: int) -> None:
 # code, ds/du loaded instead of computed, the batch prior's estimator a runtime branch) and the
 # flexda=False step on sm_90 only, to bound the CPU time of this file; the EM step's
 # specialisation on sm_90 at the bandwidth shape (fp32, bf16), an unaligned row and the column
-# loop (its spill check included where capped).
+# loop (its spill check included where capped); the prior weights' (WEIGHTED) and distill_all's
+# (DISTILL_ALL) specialisations likewise, alone and combined with the others, on sm_90.
 FWD_CASES = ([(dtype, cfg, arch, "step") for dtype in ft.LOGITS_DTYPES
               for cfg in ft.all_kernel_configs(dtype) for arch in ARCHS]
              + [(dtype, cfg, 90, "fwd") for dtype in ft.LOGITS_DTYPES
@@ -135,7 +143,24 @@ FWD_CASES = ([(dtype, cfg, arch, "step") for dtype in ft.LOGITS_DTYPES
              + [(dtype, ft.kernel_config(c, dtype), 90, "step-em")
                 for dtype, c in ((torch.float32, 1000), (torch.bfloat16, 1000),
                                  (torch.bfloat16, 127), (torch.float32, 20000),
-                                 (torch.float64, 1000))])
+                                 (torch.float64, 1000))]
+             + [(dtype, ft.kernel_config(c, dtype), 90, mode)
+                for dtype, c, mode in ((torch.float32, 1000, "step-w"),
+                                       (torch.bfloat16, 127, "fwd-w"),
+                                       (torch.float32, 20000, "step-w"),
+                                       (torch.float32, 20000, "fwd-w"),
+                                       (torch.float32, 20000, "step-em-w"))]
+             + [(dtype, ft.kernel_config(c, dtype), 90, mode)
+                for dtype, c, mode in ((torch.float32, 1000, "step-dall"),
+                                       (torch.bfloat16, 1000, "step-dall"),
+                                       (torch.bfloat16, 127, "fwd-dall"),
+                                       (torch.float32, 20000, "step-dall"),
+                                       (torch.bfloat16, 20000, "step-dall"),
+                                       (torch.float32, 20000, "fwd-dall"),
+                                       (torch.float32, 20000, "step-em-dall"),
+                                       (torch.float32, 1000, "step-w-dall"),
+                                       (torch.float32, 20000, "step-w-dall"),
+                                       (torch.float64, 1000, "step-dall"))])
 
 
 def _fwd_id(case) -> str:
@@ -157,7 +182,7 @@ def test_dispatcher_choices_are_all_listed():
 def compile_rows(dtype, cfg, arch: int, mode: str = "step"):
     """`_rows_kernel` compiled for one specialisation (the launcher's options)."""
     kernel = ft._rows_kernel
-    sig, attrs = _signature(kernel, _fwd_pointer_types(dtype, mode != "fwd"))
+    sig, attrs = _signature(kernel, _fwd_pointer_types(dtype, not mode.startswith("fwd")))
     if cfg.aligned:
         attrs = _aligned(kernel, attrs, "row_bytes")
     src = ASTSource(fn=kernel, signature=sig, attrs=attrs, constexprs=_rows_constexprs(cfg, mode))
@@ -181,9 +206,11 @@ def test_fwd_kernel_compiles(case, tmp_path):
         assert spill is None or spill <= 16, f"{spill} bytes of local memory per thread"
 
 
-def _finalize_pointer_types(acc: str, step: bool) -> dict[str, str]:
+def _finalize_pointer_types(acc: str, step: bool, weighted: bool = False) -> dict[str, str]:
     types = {name: acc for name in ("loss_part_ptr", "prior_part_ptr", "loss_ptr", "ls_ptr",
                                     "lu_ptr", "ld_ptr", "prior_ptr")}
+    if weighted:   # the [N] prior weights (acc)
+        types["wt_ptr"] = acc
     if step:   # temperature, step, skipped_updates, prior_ulb (fp32 state)
         types.update(hp_ptr="fp32", step_ptr="i64", skipped_ptr="i64", q_ptr="fp32")
     else:      # hparams (the state pointers are unused stand-ins)
@@ -191,16 +218,29 @@ def _finalize_pointer_types(acc: str, step: bool) -> dict[str, str]:
     return types
 
 
+def _finalize_signature(acc: str, step: bool, weighted: bool) -> tuple[dict, dict, dict]:
+    """Signature, attributes and the weights' constexprs of `_finalize_kernel`: the launcher
+    passes wt_ptr=None unweighted (Triton makes a None argument a constexpr, so the kernel's
+    parameters are those it had before prior weights), the weights' tensor when weighted."""
+    sig, attrs = _signature(ft._finalize_kernel, _finalize_pointer_types(acc, step, weighted))
+    constexprs = {"WEIGHTED": weighted}
+    if not weighted:
+        sig["wt_ptr"] = "constexpr"
+        constexprs["wt_ptr"] = None
+    return sig, attrs, constexprs
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("acc", ["fp32", "fp64"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "w"])
 @pytest.mark.parametrize("mode", [(False, False), (True, False), (True, True)],
                          ids=["fwd", "step", "step-update"])
-def test_finalize_kernel_compiles(acc, arch, mode):
+def test_finalize_kernel_compiles(acc, arch, mode, weighted):
     step, update = mode
-    sig, attrs = _signature(ft._finalize_kernel, _finalize_pointer_types(acc, step))
+    sig, attrs, wconst = _finalize_signature(acc, step, weighted)
     src = ASTSource(fn=ft._finalize_kernel, signature=sig, attrs=attrs,
                     constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C,
-                                "STEP": step, "UPDATE": update})
+                                "STEP": step, "UPDATE": update, **wconst})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": ft.FIN_NUM_WARPS})
     _check_binary(compiled, arch)
@@ -225,28 +265,32 @@ UNIT_CASES = [(torch.float32, ft.kernel_config(1000, torch.float32)),
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("mode", ["step", "step-w-dall"])
 @pytest.mark.parametrize("case", UNIT_CASES, ids=lambda c: f"{DTYPE_IDS[c[0]]}-"
                          f"{'loop' if c[1].loop_c else 'fused'}")
-def test_fwd_kernel_compiles_with_one_row(case, arch):
-    """B = N = 1: Triton's JIT passes them as constexpr 1."""
+def test_fwd_kernel_compiles_with_one_row(case, arch, mode):
+    """B = N = 1: Triton's JIT passes them as constexpr 1 (also with prior weights and
+    distill_all, whose code reads N)."""
     dtype, cfg = case
     sig, attrs = _signature(ft._rows_kernel, _fwd_pointer_types(dtype, True))
     sig["B"] = sig["N"] = "constexpr"
     src = ASTSource(fn=ft._rows_kernel, signature=sig, attrs=attrs,
-                    constexprs={**_rows_constexprs(cfg, "step"), "B": 1, "N": 1})
+                    constexprs={**_rows_constexprs(cfg, mode), "B": 1, "N": 1})
     options = {"num_warps": cfg.num_warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
     _check_binary(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), arch)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
-def test_finalize_kernel_compiles_with_unit_sizes(arch):
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "w"])
+def test_finalize_kernel_compiles_with_unit_sizes(arch, weighted):
     """P = B = N = C = 1 (one program, one class): constexpr 1 for each."""
-    sig, attrs = _signature(ft._finalize_kernel, _finalize_pointer_types("fp32", True))
+    sig, attrs, wconst = _finalize_signature("fp32", True, weighted)
     for name in ("P", "B", "N", "C"):
         sig[name] = "constexpr"
     src = ASTSource(fn=ft._finalize_kernel, signature=sig, attrs=attrs,
                     constexprs={"BLOCK_P": ft.FIN_BLOCK_P, "BLOCK_C": ft.FIN_BLOCK_C,
-                                "STEP": True, "UPDATE": True, "P": 1, "B": 1, "N": 1, "C": 1})
+                                "STEP": True, "UPDATE": True, "P": 1, "B": 1, "N": 1, "C": 1,
+                                **wconst})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": ft.FIN_NUM_WARPS})
     _check_binary(compiled, arch)

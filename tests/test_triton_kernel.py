@@ -485,7 +485,7 @@ def test_prior_em_non_finite_weak_row_gives_nan_prior(ft, monkeypatch, regime):
 
 STEP_KW = dict(total_steps=10, alpha_min=0.1, power=2.0, distill_start=2, lambda_u=1.3,
                lambda_d=0.7, eps=1e-9, flexda=True, threshold=0.9, prior_momentum=0.9,
-               update=True, prior_em=False)
+               update=True, prior_em=False, distill_all=False)
 
 
 def _step_state(c, seed, t=0):
@@ -495,13 +495,16 @@ def _step_state(c, seed, t=0):
 
 def run_step(ft, args, p_l, state, temperature, fn=None, **over):
     """One call of flexda_step_triton (or `fn`, same arguments) on the state tuple (q, t, k).
-    prior_em, the schema's one defaulted argument, is passed only when it is on (the raw calls
-    go through the default)."""
+    The schema's defaulted arguments are passed only when needed: prior_em when it is on,
+    and with distill_all every trailing one (prior_target=None, alpha_epoch_steps=1,
+    prior_weight=None, distill_all=True); the raw calls go through the defaults."""
     kw = {**STEP_KW, **over}
     z_l, y, z_w, z_s = args
     q, t, k = state
     fn = fn or ft.flexda_step_triton
     tail = (kw["prior_em"],) if kw["prior_em"] else ()
+    if kw["distill_all"]:
+        tail = (kw["prior_em"], None, 1, None, True)
     return fn(z_l, y, z_w, z_s, p_l, q, t, k, temperature, kw["total_steps"], kw["alpha_min"],
               kw["power"], kw["distill_start"], kw["lambda_u"], kw["lambda_d"], kw["eps"],
               kw["flexda"], kw["threshold"], kw["prior_momentum"], kw["update"], *tail)
@@ -525,7 +528,7 @@ def step_reference(args, p_l, q, t, temperature, **over):
     hp = hparams(kw["lambda_u"], kw["lambda_d"], gate, float(temperature), torch.float64,
                  prior_em=kw["prior_em"])
     ref = flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds, du, hp,
-                               kw["threshold"])
+                               kw["threshold"], distill_all=kw["distill_all"])
     q_new, ok = momentum_update(q, ref[4].float(), kw["prior_momentum"])
     return ref, q_new, bool(ok)
 
@@ -1214,3 +1217,608 @@ def test_gpu_torch_compile_fullgraph():
 
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(z_l, z_w, z_s), step(z_l, z_w, z_s))
+
+
+# ---- per-row prior weights (prior_weight: the released lb_in_ulb_mask) ----------------------
+
+def _weights(n, kind, dtype, seed):
+    """[N] prior weights in the acc dtype of `dtype`: 'binary' random 0/1 (at least one of
+    each when N > 1), 'positive' random in [0.05, 2.05), 'zeros' all 0."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    if kind == "zeros":
+        return torch.zeros(n, dtype=acc)
+    if kind == "binary":
+        w = (torch.rand(n, generator=g) < 0.6).to(acc)
+        w[0] = 0.0
+        if n > 1:
+            w[1] = 1.0
+        return w
+    return (torch.rand(n, generator=g, dtype=torch.float64) * 2.0 + 0.05).to(acc)
+
+
+def run_op_w(args, hp, tau, w):
+    z_l, y, z_w, z_s, ds, du = args
+    return torch.ops.adello.flexda_fwd_triton(z_l, y, z_w, z_s, ds, du, hp, tau, w)
+
+
+def reference_w(args, hp, tau, w):
+    from adello_kernels.reference import flexda_fwd_reference
+    z_l, y, z_w, z_s, ds, du = args
+    return flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds.double(),
+                                du.double(), hp.double(), tau, prior_weight=w.double())
+
+
+def _same(x, y):
+    """Bitwise equal, NaN in the same places counting as equal."""
+    if x.is_floating_point():
+        return (torch.equal(torch.isnan(x), torch.isnan(y))
+                and torch.equal(torch.nan_to_num(x, nan=0.0), torch.nan_to_num(y, nan=0.0)))
+    return torch.equal(x, y)
+
+
+def _assert_same_but_prior(a, b, what):
+    k_prior = len(a) - 3        # prior_batch: 4 of the fwd's 7 outputs, 6 of the step's 9
+    for k, (x, y) in enumerate(zip(a, b)):
+        if k != k_prior:
+            assert _same(x, y), f"{what}: output {k} depends on the prior weights"
+
+
+# (B, N, C, dtype, T, regime): packed rows, the column loop at small C (three 128-column
+# blocks), fp64's own column loop (two 512-column blocks) and the real large-C loop (C = 4097).
+W_CASES = [
+    (37, 45, 100, torch.float32, 1.0, "fused"),
+    (11, 13, 300, torch.float32, 2.0, "loop"),
+    (13, 15, 700, torch.float64, 1.5, "native"),
+    (3, 6, 4097, torch.float32, 1.0, "native"),
+]
+
+
+@interp
+@pytest.mark.parametrize("kind", ["binary", "positive"])
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("case", W_CASES, ids=_em_id)
+def test_prior_weight_fwd_gives_the_weighted_mean_not_the_plain_one(ft, monkeypatch, case,
+                                                                     prior_em, kind):
+    """flexda_fwd_triton(..., prior_weight=w): prior_batch = sum_{w_i > 0} w_i p_i / W against
+    the float64 reference (raw and EM rows, both regimes, fp32 and fp64); every other output
+    bitwise the unweighted call's (the losses and gradients do not depend on w), the prior
+    clearly not the unweighted mean (weights ignored would pass the rest), and two weighted
+    runs bitwise equal (W summed by the finalize kernel in a fixed order)."""
+    b, n, c, dtype, t, regime = case
+    _set_regime(ft, monkeypatch, regime)
+    assert ft.kernel_config(c, dtype).loop_c == (regime != "fused")
+    args = make_case(b, n, c, dtype, seed=c + 1)
+    hp = hparams(1.1, 0.8, 1.0, t, dtype, prior_em=prior_em)
+    w = _weights(n, kind, dtype, seed=c + n)
+    out = run_op_w(args, hp, 0.9, w)
+    ref = reference_w(args, hp, 0.9, w)
+    assert_matches(out, ref, args, 0.9, dtype, both_masks=False)
+    if dtype == torch.float64:
+        err = (out[4] - ref[4]).abs().max().item()
+        assert err <= 1e-12, f"fp64 weighted prior off by {err:.3g} (W not accumulated in fp64?)"
+    plain = run_op(args, hp, 0.9)
+    _assert_only_prior_differs(out, plain, "weighted fwd", min_diff=1e-5)
+    again = run_op_w(args, hp, 0.9, w)
+    for x, y_ in zip(out, again):
+        assert torch.equal(x, y_)
+
+
+@interp
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("regime", ["fused", "loop", "fp64"])
+def test_prior_weight_zero_keeps_a_non_finite_weak_row_out_of_the_prior(ft, monkeypatch, regime,
+                                                                        prior_em, bad):
+    """A weak row with a NaN/inf logit has a NaN prior row. With weight 0 it must add nothing
+    (masked, not multiplied by 0: 0 * NaN = NaN): prior_batch finite and the reference's. With
+    weight 1 the NaN reaches every column, as without weights. The other outputs are the
+    unweighted call's either way."""
+    _set_regime(ft, monkeypatch, "loop" if regime == "loop" else "fused")
+    c = 300 if regime == "loop" else 100
+    dtype = torch.float64 if regime == "fp64" else torch.float32
+    args = list(make_case(6, 8, c, dtype, seed=5))
+    args[2] = args[2].clone()
+    args[2][3, 7] = bad
+    args = tuple(args)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, dtype, prior_em=prior_em)
+    w = _weights(8, "positive", dtype, seed=9)
+    w[3] = 0.0
+    out = run_op_w(args, hp, 0.9, w)
+    ref = reference_w(args, hp, 0.9, w)
+    assert torch.isfinite(ref[4]).all()
+    assert torch.isfinite(out[4]).all(), "a weight-0 NaN row leaked into prior_batch"
+    assert (out[4].double() - ref[4]).abs().max().item() <= 1e-6
+    w[3] = 1.0
+    out1 = run_op_w(args, hp, 0.9, w)
+    assert torch.isnan(out1[4]).all() and torch.isnan(reference_w(args, hp, 0.9, w)[4]).all()
+    plain = run_op(args, hp, 0.9)
+    _assert_same_but_prior(out, plain, "weight 0")
+    _assert_same_but_prior(out1, plain, "weight 1")
+
+
+@interp
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("regime", ["fused", "loop", "fp64"])
+def test_prior_weight_all_zero_gives_nan_prior_not_zero(ft, monkeypatch, regime, prior_em):
+    """Every weight 0: W = 0, no estimate, prior_batch all NaN (as the reference: 0 / 0), not the
+    0 of the empty partial sums nor the unweighted mean; the other outputs unchanged."""
+    _set_regime(ft, monkeypatch, "loop" if regime == "loop" else "fused")
+    c = 300 if regime == "loop" else 100
+    dtype = torch.float64 if regime == "fp64" else torch.float32
+    args = make_case(7, 9, c, dtype, seed=23)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, dtype, prior_em=prior_em)
+    w = _weights(9, "zeros", dtype, seed=0)
+    out = run_op_w(args, hp, 0.9, w)
+    assert torch.isnan(out[4]).all()
+    assert torch.isnan(reference_w(args, hp, 0.9, w)[4]).all()
+    _assert_same_but_prior(out, run_op(args, hp, 0.9), "all-zero weights")
+
+
+@interp
+def test_prior_weight_is_converted_not_misread(ft):
+    """The launcher reads the weights as contiguous acc-dtype values: a strided view, or fp64
+    weights with fp32 logits, give the contiguous fp32 weights' result (a raw pointer read of
+    the strided or fp64 storage would not); a wrong shape is refused."""
+    args = make_case(9, 11, 40, torch.float32, seed=17)
+    hp = hparams(1.1, 0.9, 1.0, 2.0, torch.float32)
+    w = _weights(11, "positive", torch.float32, seed=3)
+    want = run_op_w(args, hp, 0.9, w)
+    strided = torch.zeros(22)
+    strided[::2] = w
+    for given in (strided[::2], w.double()):
+        got = run_op_w(args, hp, 0.9, given)
+        for x, y_ in zip(got, want):
+            assert torch.equal(x, y_)
+    with pytest.raises(ValueError, match="prior_weight"):
+        run_op_w(args, hp, 0.9, w[:10])
+
+
+@interp
+def test_prior_weight_opcheck(ft):
+    """Schema, fake and autograd registration of both ops with prior_weight given."""
+    args = make_case(5, 6, 20, torch.float32, seed=1)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    w = _weights(6, "binary", torch.float32, seed=2)
+    torch.library.opcheck(torch.ops.adello.flexda_fwd_triton, (*args, hp, 0.9, w),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
+    q, t, k = _step_state(20, 19)
+    kw = STEP_KW
+    step_args = (z_l[:, :20].contiguous(), y % 20, z_w[:6, :20].contiguous(),
+                 z_s[:6, :20].contiguous(), p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t,
+                 k, torch.tensor(1.5),
+                 kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
+                 kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
+                 kw["prior_momentum"], True, False, None, 1, w)
+    torch.library.opcheck(torch.ops.adello.flexda_step_triton, step_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def run_step_w(ft, args, p_l, state, temperature, w, fn=None, **over):
+    """run_step with every trailing argument given: prior_em, prior_target=None,
+    alpha_epoch_steps=1, prior_weight=w, distill_all."""
+    kw = {**STEP_KW, **over}
+    z_l, y, z_w, z_s = args
+    q, t, k = state
+    fn = fn or ft.flexda_step_triton
+    return fn(z_l, y, z_w, z_s, p_l, q, t, k, temperature, kw["total_steps"], kw["alpha_min"],
+              kw["power"], kw["distill_start"], kw["lambda_u"], kw["lambda_d"], kw["eps"],
+              kw["flexda"], kw["threshold"], kw["prior_momentum"], kw["update"],
+              kw["prior_em"], None, 1, w, kw["distill_all"])
+
+
+def step_reference_w(args, p_l, q, t, temperature, w, **over):
+    """step_reference with the weighted batch prior: the float64 rows, then momentum_update
+    of fp32 Q with that prior."""
+    from adello_kernels.ops.state import momentum_update
+    from adello_kernels.reference import alpha_schedule, flexda_fwd_reference, logit_adjustments
+    kw = {**STEP_KW, **over}
+    z_l, y, z_w, z_s = args
+    alpha = alpha_schedule(int(t), kw["total_steps"], kw["alpha_min"], kw["power"])
+    ds, du = logit_adjustments(p_l, q, alpha, kw["eps"], dtype=torch.float64)
+    gate = float(int(t) >= kw["distill_start"])
+    hp = hparams(kw["lambda_u"], kw["lambda_d"], gate, float(temperature), torch.float64,
+                 prior_em=kw["prior_em"])
+    ref = flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds, du, hp,
+                               kw["threshold"], prior_weight=w.double(),
+                               distill_all=kw["distill_all"])
+    q_new, ok = momentum_update(q, ref[4].float(), kw["prior_momentum"])
+    return ref, q_new, bool(ok)
+
+
+# (B, N, C, dtype, T, regime, seed): the seeds of the unweighted step tests' data (no row at the
+# tau / tie boundary in any of the three steps).
+W_STEP_CASES = [
+    (37, 45, 100, torch.float32, 2.5, "fused", 137),
+    (11, 13, 300, torch.float32, 2.0, "loop", 5),
+    (13, 15, 70, torch.float64, 1.5, "native", 83),
+]
+
+
+@interp
+@pytest.mark.parametrize("kind", ["binary", "positive"])
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("case", W_STEP_CASES, ids=lambda s: f"C{s[2]}-{FLOAT_IDS[s[3]]}-{s[5]}")
+def test_step_prior_weight_trajectory_updates_q_with_the_weighted_prior(ft, monkeypatch, case,
+                                                                       prior_em, kind):
+    """Three steps on one mutating state with new weights each step, against the float64
+    reference run alongside (weighted prior, then the momentum update): outputs, Q, step,
+    skipped_updates. On the first step the unweighted step from the same state gives the same
+    outputs but prior_batch and a different Q (the weighted prior reaches the epilogue)."""
+    b, n, c, dtype, temperature, regime, seed = case
+    _set_regime(ft, monkeypatch, regime)
+    assert ft.kernel_config(c, dtype).loop_c == (regime != "fused")
+    p_l, _ = _priors(c, seed + 50)
+    state = _step_state(c, seed + 51)
+    q_ref = state[0].clone()
+    temp = torch.tensor(temperature)
+    for k in range(3):
+        z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=seed + 7 * k)
+        args = (z_l, y, z_w, z_s)
+        w = _weights(n, kind, dtype, seed=seed + k)
+        t_before = int(state[1])
+        ref, q_next, ok = step_reference_w(args, p_l, q_ref, t_before, temperature, w,
+                                           prior_em=prior_em)
+        plain_state = tuple(x.clone() for x in state)
+        out = run_step_w(ft, args, p_l, state, temp, w, prior_em=prior_em)
+        assert_step_matches(out, ref, args, STEP_KW["threshold"], dtype, f"step {k}")
+        assert ok and int(state[1]) == t_before + 1 and int(state[2]) == 0
+        q_ref = q_next
+        err = (state[0].double() - q_ref.double()).abs().max().item()
+        assert err <= 1e-6, f"step {k}: prior_ulb trajectory off by {err:.3g}"
+        if k == 0:
+            plain = run_step(ft, args, p_l, plain_state, temp, prior_em=prior_em)
+            _assert_only_prior_differs(out, plain, "weighted step", min_diff=1e-5)
+            assert not torch.equal(plain_state[0], state[0])
+
+
+@interp
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("regime", ["fused", "loop", "fp64"])
+def test_step_all_zero_weights_keep_q_and_count_no_skip(ft, monkeypatch, regime, prior_em):
+    """Every weight 0 (no row to estimate from): prior_batch NaN, Q bitwise unchanged,
+    skipped_updates unchanged (not counted as a non-finite skip), step + 1; the other outputs
+    are the unweighted step's. Then a NaN weak row still counts a skip when its weight is 1,
+    and is left out (Q updated as the reference) when its weight is 0."""
+    _set_regime(ft, monkeypatch, "loop" if regime == "loop" else "fused")
+    c = 300 if regime == "loop" else 100
+    dtype = torch.float64 if regime == "fp64" else torch.float32
+    p_l, _ = _priors(c, 6)
+    q0, _, _ = _step_state(c, 7)
+    state = (q0, torch.tensor(5, dtype=torch.int64), torch.tensor(2, dtype=torch.int64))
+    temp = torch.tensor(1.0)
+    z_l, y, z_w, z_s, _, _ = make_case(8, 10, c, dtype, seed=40)
+    args = (z_l, y, z_w, z_s)
+    plain_state = tuple(x.clone() for x in state)
+    q_before = state[0].clone()
+    out = run_step_w(ft, args, p_l, state, temp, _weights(10, "zeros", dtype, 0),
+                     prior_em=prior_em)
+    assert torch.isnan(out[6]).all()
+    assert torch.equal(state[0], q_before), "W = 0 must leave Q as it is"
+    assert int(state[2]) == 2, "W = 0 is no estimate, not a non-finite skip"
+    assert int(state[1]) == 6
+    plain = run_step(ft, args, p_l, plain_state, temp, prior_em=prior_em)
+    _assert_same_but_prior(out, plain, "all-zero weights step")
+
+    z_w = z_w.clone()
+    z_w[3, 7] = float("nan")
+    w = _weights(10, "binary", dtype, seed=11)
+    w[3] = 1.0
+    run_step_w(ft, (z_l, y, z_w, z_s), p_l, state, temp, w, prior_em=prior_em)
+    assert torch.equal(state[0], q_before) and int(state[2]) == 3 and int(state[1]) == 7
+    w[3] = 0.0
+    ref, q_next, ok = step_reference_w((z_l, y, z_w, z_s), p_l, q_before, 7, 1.0, w,
+                                       prior_em=prior_em)
+    out = run_step_w(ft, (z_l, y, z_w, z_s), p_l, state, temp, w, prior_em=prior_em)
+    assert ok and torch.isfinite(out[6]).all()
+    assert int(state[2]) == 3 and int(state[1]) == 8
+    assert (state[0] - q_next).abs().max() <= 1e-7
+
+
+@interp
+def test_step_prior_weight_backward_has_a_slot_per_argument(ft):
+    """flexda_step_triton(..., prior_weight=w) and the direct op call (its Autograd kernel):
+    the backward returns one gradient slot per forward argument and the gradients are the
+    unweighted step's, bit for bit; the fwd op's autograd with prior_weight too."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    w = _weights(z_w.shape[0], "binary", torch.float32, seed=4)
+    grads = []
+    for fn, weight in ((ft.flexda_step_triton, None), (ft.flexda_step_triton, w),
+                       (torch.ops.adello.flexda_step_triton, w)):
+        zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        state = _step_state(100, 15)
+        kw = STEP_KW
+        out = fn(zl, y, z_w, zs, p_l, *state, torch.tensor(2.0), kw["total_steps"],
+                 kw["alpha_min"], kw["power"], kw["distill_start"], kw["lambda_u"],
+                 kw["lambda_d"], kw["eps"], kw["flexda"], kw["threshold"],
+                 kw["prior_momentum"], kw["update"], prior_weight=weight)
+        (out[0] * 1.5).backward()
+        grads.append((out[0].detach(), zl.grad, zs.grad))
+    for other in grads[1:]:
+        for x, y_ in zip(grads[0], other):
+            assert torch.equal(x, y_)
+    args = make_case(12, 16, 100, torch.float32, seed=71)
+    zl, zs = args[0].clone().requires_grad_(), args[3].clone().requires_grad_()
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    out = torch.ops.adello.flexda_fwd_triton(zl, args[1], args[2], zs, args[4], args[5], hp, 0.9,
+                                             w)
+    out[0].backward()
+    assert torch.equal(zl.grad, out[5]) and torch.equal(zs.grad, out[6])
+
+
+# ---- distill_all: every row distils (the released distill_all) ------------------------------
+
+def run_op_da(args, hp, tau, w=None, distill_all=True):
+    z_l, y, z_w, z_s, ds, du = args
+    return torch.ops.adello.flexda_fwd_triton(z_l, y, z_w, z_s, ds, du, hp, tau, w, distill_all)
+
+
+def reference_da(args, hp, tau, w=None):
+    from adello_kernels.reference import flexda_fwd_reference
+    z_l, y, z_w, z_s, ds, du = args
+    return flexda_fwd_reference(z_l.double(), y, z_w.double(), z_s.double(), ds.double(),
+                                du.double(), hp.double(), tau,
+                                prior_weight=None if w is None else w.double(), distill_all=True)
+
+
+def _assert_distill_all_only_adds_rows(da, plain, what):
+    """distill_all against the plain call on the same inputs, gate on: the weak-view outputs,
+    L_s, L_u and grad_lb bitwise equal; the gradient rows of M = 0 rows bitwise equal (their
+    distillation factor 1 - M = 1 is exact); L_d larger by the M = 1 rows' H > 0, and their
+    gradient rows changed."""
+    loss, terms, mask, plab, prior, g_l, g_s = da
+    for k in (2, 3, 4, 5):
+        assert _same(da[k], plain[k]), f"{what}: output {k} depends on distill_all"
+    assert _same(terms[:2], plain[1][:2]), f"{what}: L_s / L_u depend on distill_all"
+    low = mask == 0
+    assert _same(g_s[low], plain[6][low]), f"{what}: an M = 0 row's gradient changed"
+    if bool((mask == 1).any()):
+        assert float(terms[2]) > float(plain[1][2]), f"{what}: M = 1 rows add no L_d"
+        assert not torch.equal(g_s[~low], plain[6][~low]), f"{what}: M = 1 rows not distilled"
+
+
+# (B, N, C, dtype, T, regime, tau, seed): the data of the tests above (no row at the tau / tie
+# boundary), every tier: packed rows (16 a tile at C = 100, 2 at C = 1000), the column loop at
+# small C (three 128-column blocks), fp64's own loop, the real large-C loop (C = 4097); T == 1
+# (one exp pass shared) and T != 1 (the second pass at 1/T).
+DA_CASES = [
+    (37, 45, 100, torch.float32, 1.0, "fused", 0.9, 137),
+    (37, 45, 100, torch.float32, 2.5, "fused", 0.9, 137),
+    (21, 34, 127, torch.bfloat16, 1.0, "fused", 0.95, 148),
+    (21, 34, 200, torch.float16, 0.5, "fused", 0.9, 221),
+    (5, 7, 1000, torch.float32, 1.0, "fused", 0.6, 1005),
+    (11, 13, 300, torch.float32, 1.0, "loop", 0.9, 300),
+    (11, 13, 300, torch.float32, 2.0, "loop", 0.9, 300),
+    (9, 10, 260, torch.bfloat16, 1.5, "loop", 0.9, 260),
+    (13, 15, 700, torch.float64, 1.5, "native", 0.9, 3),
+    (13, 15, 700, torch.float64, 1.0, "native", 0.9, 3),
+    (3, 6, 4097, torch.float32, 1.0, "native", 0.9, 4098),
+    (3, 6, 4097, torch.float32, 2.0, "native", 0.9, 4098),
+]
+
+
+def _da_id(case):
+    b, n, c, dtype, t, regime, tau, seed = case
+    return f"B{b}-N{n}-C{c}-{FLOAT_IDS[dtype]}-T{t}-{regime}"
+
+
+@interp
+@pytest.mark.parametrize("case", DA_CASES, ids=_da_id)
+def test_distill_all_fwd_matches_reference(ft, monkeypatch, case):
+    """flexda_fwd_triton(..., distill_all=True), gate on: every row has the distillation term
+    and its gradient, M = 1 rows both terms; against the float64 reference, and against the
+    plain call (only L_d, loss and the M = 1 rows' gradients change)."""
+    b, n, c, dtype, t, regime, tau, seed = case
+    _set_regime(ft, monkeypatch, regime)
+    assert ft.kernel_config(c, dtype).loop_c == (regime != "fused")
+    args = make_case(b, n, c, dtype, seed=seed)
+    hp = hparams(1.3, 0.7, 1.0, t, dtype)
+    out = run_op_da(args, hp, tau)
+    ref = reference_da(args, hp, tau)
+    assert_matches(out, ref, args, tau, dtype, both_masks=False)
+    if dtype == torch.float64:
+        assert abs(float(out[1][2]) - float(ref[1][2])) <= 1e-12 * abs(float(ref[1][2]))
+    _assert_distill_all_only_adds_rows(out, run_op(args, hp, tau), "fwd")
+    again = run_op_da(args, hp, tau)
+    for x, y_ in zip(out, again):
+        assert torch.equal(x, y_)
+
+
+@interp
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("regime", ["fused", "loop", "fp64", "bf16"])
+def test_distill_all_with_every_row_confident(ft, monkeypatch, regime, temperature):
+    """Every weak row confident (M = 1): the plain call distils nothing (L_d exactly 0), the
+    distill_all call distils every row (L_d and the gradient the reference's)."""
+    _set_regime(ft, monkeypatch, "loop" if regime == "loop" else "fused")
+    c = 300 if regime == "loop" else 100
+    dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(regime, torch.float32)
+    args = make_case(9, 12, c, dtype, confident=1.0, seed=31)
+    hp = hparams(1.0, 1.2, 1.0, temperature, dtype)
+    out = run_op_da(args, hp, 0.5)
+    ref = reference_da(args, hp, 0.5)
+    assert bool((out[2] == 1).all()) and bool((ref[2] == 1).all()), "every row should be M = 1"
+    assert_matches(out, ref, args, 0.5, dtype, both_masks=False)
+    plain = run_op(args, hp, 0.5)
+    assert float(plain[1][2]) == 0.0 and float(out[1][2]) > 0.0
+    _assert_distill_all_only_adds_rows(out, plain, "all confident")
+
+
+@interp
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("regime", ["fused", "loop", "fp64"])
+def test_distill_all_with_the_gate_off_changes_nothing(ft, monkeypatch, regime, temperature):
+    """Gate off (hparams gate 0): no row distils whatever distill_all says; the seven outputs
+    bitwise the plain call's, L_d exactly 0."""
+    _set_regime(ft, monkeypatch, "loop" if regime == "loop" else "fused")
+    c = 300 if regime == "loop" else 100
+    dtype = torch.float64 if regime == "fp64" else torch.float32
+    args = make_case(10, 14, c, dtype, seed=12)
+    hp = hparams(1.1, 0.9, 0.0, temperature, dtype)
+    out = run_op_da(args, hp, 0.9)
+    assert float(out[1][2]) == 0.0
+    for k, (x, y_) in enumerate(zip(out, run_op(args, hp, 0.9))):
+        assert _same(x, y_), f"output {k}"
+    explicit = run_op_da(args, hparams(1.1, 0.9, 1.0, temperature, dtype), 0.9,
+                         distill_all=False)
+    for x, y_ in zip(explicit, run_op(args, hparams(1.1, 0.9, 1.0, temperature, dtype), 0.9)):
+        assert _same(x, y_), "distill_all=False given is not the default"
+
+
+@interp
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("regime", ["fused", "loop", "fp64"])
+def test_distill_all_non_finite_strong_row_of_a_confident_row(ft, monkeypatch, regime,
+                                                              temperature, bad):
+    """A NaN/inf strong logit on an M = 1 row with distill_all: L_u and L_d NaN (the row has
+    both terms), that gradient row NaN; the other rows' gradients and the weak-view outputs
+    finite and the reference's."""
+    _set_regime(ft, monkeypatch, "loop" if regime == "loop" else "fused")
+    c = 300 if regime == "loop" else 100
+    dtype = torch.float64 if regime == "fp64" else torch.float32
+    args = list(make_case(6, 9, c, dtype, confident=1.0, seed=44))
+    args[3] = args[3].clone()
+    args[3][4, 11] = bad
+    args = tuple(args)
+    hp = hparams(1.0, 1.0, 1.0, temperature, dtype)
+    out = run_op_da(args, hp, 0.5)
+    ref = reference_da(args, hp, 0.5)
+    assert float(out[2][4]) == 1.0
+    assert torch.isnan(out[1][1:]).all() and torch.isnan(out[0]), "L_u and L_d must be NaN"
+    assert torch.isnan(ref[1][1:]).all()
+    assert torch.isnan(out[6][4]).all(), "the bad row's gradient must be NaN"
+    keep = torch.arange(9) != 4
+    assert torch.isfinite(out[6][keep]).all()
+    assert_close_grad(out[6][keep], ref[6][keep], dtype, "other rows' grad_ulb_s")
+    assert torch.equal(out[2], ref[2].to(out[2].dtype)) and torch.equal(out[3], ref[3])
+    assert (out[4].double() - ref[4]).abs().max().item() <= 1e-6
+    assert_close_grad(out[5], ref[5], dtype, "grad_lb")
+
+
+@interp
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("case", [DA_CASES[1], DA_CASES[6], DA_CASES[8], DA_CASES[10]],
+                         ids=_da_id)
+def test_distill_all_with_prior_weights(ft, monkeypatch, case, prior_em):
+    """distill_all and prior_weight together (both specialisations): against the reference;
+    prior_batch bitwise the weighted plain call's, everything else the unweighted distill_all
+    call's."""
+    b, n, c, dtype, t, regime, tau, seed = case
+    _set_regime(ft, monkeypatch, regime)
+    args = make_case(b, n, c, dtype, seed=seed)
+    hp = hparams(1.3, 0.7, 1.0, t, dtype, prior_em=prior_em)
+    w = _weights(n, "positive", dtype, seed=seed + 1)
+    out = run_op_da(args, hp, tau, w)
+    assert_matches(out, reference_da(args, hp, tau, w), args, tau, dtype, both_masks=False)
+    assert _same(out[4], run_op_w(args, hp, tau, w)[4])
+    _assert_same_but_prior(out, run_op_da(args, hp, tau), "weighted distill_all")
+
+
+@interp
+def test_distill_all_opcheck(ft):
+    """Schema and fake of both ops with distill_all=True given."""
+    args = make_case(5, 6, 20, torch.float32, seed=1)
+    hp = hparams(1.0, 1.0, 1.0, 2.0, torch.float32)
+    torch.library.opcheck(torch.ops.adello.flexda_fwd_triton, (*args, hp, 0.9, None, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
+    q, t, k = _step_state(20, 19, t=3)
+    kw = STEP_KW
+    step_args = (z_l[:, :20].contiguous(), y % 20, z_w[:6, :20].contiguous(),
+                 z_s[:6, :20].contiguous(), p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t,
+                 k, torch.tensor(1.5),
+                 kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
+                 kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
+                 kw["prior_momentum"], True, False, None, 1, None, True)
+    torch.library.opcheck(torch.ops.adello.flexda_step_triton, step_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# (B, N, C, dtype, T, regime, seed): the step tests' data; distill_start = 2, so the gate turns
+# on at the third of four steps.
+DA_STEP_CASES = [
+    (37, 45, 100, torch.float32, 1.0, "fused", 137),
+    (21, 34, 127, torch.bfloat16, 2.0, "fused", 148),
+    (11, 13, 300, torch.float32, 2.0, "loop", 5),
+    (13, 15, 70, torch.float64, 1.5, "native", 83),
+]
+
+
+@interp
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("case", DA_STEP_CASES, ids=lambda s: f"C{s[2]}-{FLOAT_IDS[s[3]]}-"
+                         f"T{s[4]}-{s[5]}")
+def test_step_distill_all_trajectory(ft, monkeypatch, case, prior_em):
+    """flexda_step_triton(..., distill_all=True) over four steps (gate off, off, on, on) against
+    the float64 reference run alongside; and beside it the plain step on its own copy of the
+    state: the states stay bitwise equal (the prior does not depend on distill_all), the
+    outputs bitwise equal while the gate is off, and once it is on only L_d, loss and the
+    M = 1 rows' gradients differ."""
+    b, n, c, dtype, temperature, regime, seed = case
+    _set_regime(ft, monkeypatch, regime)
+    steps = 3 if regime == "loop" else 4
+    _trajectory(ft, b, n, c, dtype, temperature, steps=steps, seed=seed, distill_all=True,
+                prior_em=prior_em)
+    p_l, _ = _priors(c, seed + 50)
+    s_da = _step_state(c, seed + 51)
+    s_plain = tuple(x.clone() for x in s_da)
+    temp = torch.tensor(temperature)
+    for k in range(steps):
+        z_l, y, z_w, z_s, _, _ = make_case(b, n, c, dtype, seed=seed + 7 * k)
+        args = (z_l, y, z_w, z_s)
+        gate_on = int(s_da[1]) >= STEP_KW["distill_start"]
+        da = run_step(ft, args, p_l, s_da, temp, distill_all=True, prior_em=prior_em)
+        plain = run_step(ft, args, p_l, s_plain, temp, prior_em=prior_em)
+        for x, y_ in zip(s_da, s_plain):
+            assert torch.equal(x, y_), f"step {k}: the state depends on distill_all"
+        if not gate_on:
+            for j, (x, y_) in enumerate(zip(da, plain)):
+                assert _same(x, y_), f"step {k} (gate off): output {j}"
+        else:
+            fwd_like = (da[0], torch.stack(da[1:4]), *da[4:])
+            plain_like = (plain[0], torch.stack(plain[1:4]), *plain[4:])
+            _assert_distill_all_only_adds_rows(fwd_like, plain_like, f"step {k}")
+
+
+@interp
+@pytest.mark.parametrize("regime", ["fused", "loop"])
+def test_step_distill_all_with_prior_weights(ft, monkeypatch, regime):
+    """The step with prior weights and distill_all (gate on): the reference's outputs and Q."""
+    _set_regime(ft, monkeypatch, regime)
+    b, n, c, seed = (37, 45, 100, 137) if regime == "fused" else (11, 13, 300, 5)
+    p_l, _ = _priors(c, seed + 50)
+    state = _step_state(c, seed + 51, t=3)
+    z_l, y, z_w, z_s, _, _ = make_case(b, n, c, torch.float32, seed=seed)
+    args = (z_l, y, z_w, z_s)
+    w = _weights(n, "binary", torch.float32, seed=seed)
+    ref, q_next, ok = step_reference_w(args, p_l, state[0].clone(), 3, 2.0, w, distill_all=True)
+    out = run_step_w(ft, args, p_l, state, torch.tensor(2.0), w, distill_all=True)
+    assert_step_matches(out, ref, args, STEP_KW["threshold"], torch.float32, "weighted dall")
+    assert ok and int(state[1]) == 4 and int(state[2]) == 0
+    assert (state[0].double() - q_next.double()).abs().max().item() <= 1e-6
+
+
+@interp
+def test_step_distill_all_backward(ft):
+    """distill_all through the autograd Function and the op's Autograd kernel (25 forward
+    arguments): the input gradients are the forward's saved ones scaled, the same for both."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft)
+    grads = []
+    for fn in (ft.flexda_step_triton, torch.ops.adello.flexda_step_triton):
+        zl, zs = z_l.clone().requires_grad_(), z_s.clone().requires_grad_()
+        state = _step_state(100, 15, t=5)
+        kw = STEP_KW
+        out = fn(zl, y, z_w, zs, p_l, *state, torch.tensor(2.0), kw["total_steps"],
+                 kw["alpha_min"], kw["power"], kw["distill_start"], kw["lambda_u"],
+                 kw["lambda_d"], kw["eps"], kw["flexda"], kw["threshold"],
+                 kw["prior_momentum"], kw["update"], distill_all=True)
+        want_s = out[8].detach().clone() * 1.5
+        (out[0] * 1.5).backward()
+        assert torch.equal(zs.grad, want_s)
+        grads.append((out[0].detach(), zl.grad, zs.grad))
+    for x, y_ in zip(grads[0], grads[1]):
+        assert torch.equal(x, y_)

@@ -16,11 +16,12 @@ per step (its `FixMatchDistill.train_step` with the ADELLO losses and `ADELLOHoo
 | `p_cutoff` (0.95) | `threshold` |
 | `ulb_loss_ratio` (1.0) | `lambda_u` |
 | `lambda_distill` (1.0) | `lambda_d` (0 when neither `distill_complement` nor `distill_all`) |
-| `distill_complement` (True) | distillation on the rows below the threshold (the only mode) |
+| `distill_complement` (True) | distillation on the rows below the threshold |
+| `distill_all` (False) | `distill_all=True` (every row distils) without `distill_complement` |
 | `distill_start_iter` (None = 0) | `distill_start` |
 | `distill_T` (None = 1), `imbalance_distill_with_warmup` (True) | `temperature` (below) |
 | `adello_alpha_min` (0.1), `adello_k` (2.0) | `alpha_min`, `power` |
-| `adello_alpha_from_epoch` (False) | `alpha_epoch_steps` = `num_train_iter // epoch` when True, else 1 |
+| `adello_alpha_from_epoch` (False) | `alpha_epoch_steps`: `num_train_iter // epoch` if True |
 | `adello_mode` ("adello") | "adello_gt": `prior_target` = the unlabeled class counts' prior |
 | `adello_ema_p` (0.999) | `prior_momentum` |
 | `num_train_iter` | `total_steps` |
@@ -34,9 +35,12 @@ frozen at the first distilling step) when `distill_T` is set, the warm-up flag i
 `adello_mode="adello_gt"` needs the unlabeled class counts (`ulb_class_counts`, what the
 released `compute_unlabeled_prior` counts from `dataset_dict['train_ulb'].targets`); without
 them the released code falls back to the labeled prior as the target, and so does this (with a
-warning). Options of the released code that `ADELLOLoss` does not have yet are refused with a
-ValueError naming them (never silently dropped): `return_lb_in_ulb_mask=True` and
-`distill_all=True` without `distill_complement`.
+warning). With `return_lb_in_ulb_mask=True` the released `train_step` receives
+`lb_in_ulb_mask` ([N], 1 where an unlabeled row is a labeled image) and estimates the prior
+from the other rows only: pass it on, `train_step_outputs(crit, outputs, y_lb,
+lb_in_ulb_mask=lb_in_ulb_mask)` (the criterion's `prior_weight`). Options of the released code
+and values it does not know are refused with a ValueError naming them (never silently
+dropped).
 
 Two things the released code does differently, on purpose (docs/method.md, Deliberate
 differences): its prior `p_hat` is not in its checkpoints (a resumed run restarts it at uniform),
@@ -86,17 +90,9 @@ def adello_loss_kwargs(args: Args) -> dict:
     if mode not in ("adello", "adello_gt"):
         raise ValueError(f"adello_mode={mode!r}: expected 'adello' or 'adello_gt' (the released "
                          "modes)")
-    unsupported = {
-        "return_lb_in_ulb_mask": (bool, "the prior update from truly unlabeled rows only"),
-    }
-    for key, (bad, what) in unsupported.items():
-        if bad(_get(args, key)):
-            raise ValueError(f"{key}={_get(args, key)!r}: not supported by ADELLOLoss yet ({what})")
+    # the released get_distill_mask: 1 - mask when distill_complement (whatever distill_all
+    # says), else every row; no distillation when neither is set
     complement, every_row = bool(_get(args, "distill_complement")), bool(_get(args, "distill_all"))
-    if every_row and not complement:
-        raise ValueError("distill_all=True: distillation on every row is not supported by "
-                         "ADELLOLoss yet (distill_complement=True distils the rows below "
-                         "the threshold)")
     total = _get(args, "num_train_iter")
     epoch_steps = 1
     if bool(_get(args, "adello_alpha_from_epoch")):
@@ -122,7 +118,8 @@ def adello_loss_kwargs(args: Args) -> dict:
                 prior_momentum=float(_get(args, "adello_ema_p")), distill_start=start,
                 alpha_epoch_steps=epoch_steps,
                 temperature=temperature, lambda_u=float(_get(args, "ulb_loss_ratio")),
-                lambda_d=float(_get(args, "lambda_distill")) if complement else 0.0)
+                lambda_d=float(_get(args, "lambda_distill")) if complement or every_row else 0.0,
+                distill_all=every_row and not complement)
 
 
 def _prior_from_counts(name: str, counts) -> torch.Tensor:
@@ -162,10 +159,13 @@ def adello_loss_from_args(args: Args, lb_class_counts, ulb_class_counts=None,
     return ADELLOLoss(prior_lb, **kw)
 
 
-def train_step_outputs(crit: ADELLOLoss, outputs, y_lb: torch.Tensor, *, sync: bool = True):
+def train_step_outputs(crit: ADELLOLoss, outputs, y_lb: torch.Tensor, *, lb_in_ulb_mask=None,
+                       sync: bool = True):
     """The released `train_step`'s results from one forward of cat(x_lb, x_ulb_w, x_ulb_s):
     `outputs` is the model's dict (`outputs['logits']` [B + 2N, C], optional `outputs['feat']`)
-    or the logits tensor itself; `y_lb` [B]. Runs one `crit` step (its prior update included:
+    or the logits tensor itself; `y_lb` [B]; `lb_in_ulb_mask` [N] (the released train_step's
+    argument with `return_lb_in_ulb_mask`): the prior is updated from the rows where it is
+    < 1 only, and left as it is when there is none. Runs one `crit` step (its prior update included:
     the released hooks read the prior as `crit.prior_ulb`, e.g. `get_p_hat = lambda:
     crit.prior_ulb`) and returns
     (out_dict, log_dict): out_dict = {'loss', 'feat'} (feat split as the released code does, or
@@ -179,7 +179,14 @@ def train_step_outputs(crit: ADELLOLoss, outputs, y_lb: torch.Tensor, *, sync: b
     z_lb = logits[:b]
     z_w, z_s = logits[b:].chunk(2)
     alpha = crit.alpha()                      # this step's alpha_t (read before it advances)
-    out = crit(z_lb, y_lb, z_w.detach(), z_s)
+    weight = None
+    if lb_in_ulb_mask is not None:
+        mask = torch.as_tensor(lb_in_ulb_mask, device=z_w.device)
+        if mask.shape != (z_w.shape[0],):
+            raise ValueError(f"lb_in_ulb_mask: expected shape ({z_w.shape[0]},) (one entry per "
+                             f"unlabeled row), got {tuple(mask.shape)}")
+        weight = (mask < 1).float()           # the released selection: truly unlabeled rows
+    out = crit(z_lb, y_lb, z_w.detach(), z_s, prior_weight=weight)
     feat = outputs.get("feat") if isinstance(outputs, Mapping) else None
     feat_dict = None
     if feat is not None:

@@ -11,13 +11,16 @@ Schema (shared by every fused backend; docs/contract.md, Op schemas):
                Tensor adj_ulb,        [C]    acc dtype: du, added to logits_ulb_s
                Tensor hparams,        [5]    acc dtype: (lambda_u, lambda_d, distill_gate, T,
                                              prior_em)
-               float threshold)
+               float threshold,
+               Tensor? prior_weight=None,  [N] acc: per-row weights of the batch prior (below)
+               bool distill_all=False)     distillation on every row, not only M = 0 (below)
       -> (Tensor loss,                0-d    acc: L_s + lambda_u L_u + [gate] lambda_d L_d
           Tensor terms,               [3]    acc: (L_s, L_u, [gate] L_d), unweighted
           Tensor mask,                [N]    acc: 0/1
           Tensor pseudo_labels,       [N]    int64
           Tensor prior_batch,         [C]    acc: mean_i softmax(logits_ulb_w[i]); with
-                                             prior_em != 0: mean_i softmax(logits_ulb_w[i] + du)
+                                             prior_em != 0: mean_i softmax(logits_ulb_w[i] + du);
+                                             with prior_weight: the weighted mean (below)
           Tensor grad_lb,             [B, C] logits dtype: dloss/dlogits_lb
           Tensor grad_ulb_s)          [N, C] logits dtype: dloss/dlogits_ulb_s
 
@@ -29,6 +32,17 @@ prior_em selects the batch prior the running estimate is updated with (docs/meth
 estimator): 0 the raw weak-view softmax (the released method), else the posteriors adjusted to
 the current estimate (one EM step of Saerens et al. 2002), softmax(z_w + du), which every kernel
 forms from the weak row's exps it already has: pw_c r_c / sum_c pw_c r_c with r_c = exp(du_c).
+
+distill_all (the released `distill_all` without `distill_complement`): the distillation term and
+its gradient cover every row, L_d = (1/N) sum_i H(q_i, softmax(a_i / T)), so a row with M = 1
+has both terms; False (the default) distils the rows with M = 0 only.
+
+prior_weight w (finite, >= 0; None: every row weighs 1) weights the rows of the batch prior:
+prior_batch = sum_{i: w_i > 0} w_i p_i / W, W = sum_i w_i, where p_i is row i's softmax (raw or
+EM). A row of weight 0 is left out entirely (its NaN, if any, never reaches the prior); with
+W = 0 the prior is NaN (no estimate; the step op then leaves Q unchanged). The losses and
+gradients do not depend on w. This is the released `lb_in_ulb_mask` selection (w = the truly
+unlabeled rows), computed in the same pass as the unweighted prior.
 
 Because every normaliser (1/B, 1/N) is static, the forward writes the gradients of `loss`, and the
 backward only scales them by the incoming grad (docs/method.md, Gradients). The other outputs are
@@ -44,7 +58,8 @@ from __future__ import annotations
 import torch
 
 SCHEMA = ("(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, Tensor logits_ulb_s, "
-          "Tensor adj_lb, Tensor adj_ulb, Tensor hparams, float threshold) -> "
+          "Tensor adj_lb, Tensor adj_ulb, Tensor hparams, float threshold, "
+          "Tensor? prior_weight=None, bool distill_all=False) -> "
           "(Tensor loss, Tensor terms, Tensor mask, Tensor pseudo_labels, Tensor prior_batch, "
           "Tensor grad_lb, Tensor grad_ulb_s)")
 
@@ -62,7 +77,8 @@ for _name in OP_NAMES:
     _lib.define(_name + SCHEMA)
 
 
-def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams, threshold):
+def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams, threshold,
+          prior_weight=None, distill_all=False):
     acc = torch.float64 if logits_lb.dtype == torch.float64 else torch.float32
     n, c = logits_ulb_w.shape
     new = logits_lb.new_empty
@@ -96,10 +112,12 @@ def _scale(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     return saved * grad_loss.to(saved.dtype)
 
 
-def _input_grads(ctx, grad_loss, need_lb: bool, need_s: bool):
-    # z_w and the [C]/[NUM_HPARAMS] vectors get no gradient (stop-gradient / no dependence).
+def _input_grads(ctx, grad_loss, need_lb: bool, need_s: bool, nargs: int):
+    # z_w, the [C]/[NUM_HPARAMS] vectors and the prior weights get no gradient (stop-gradient /
+    # no dependence). nargs: 10, or fewer from a caller that left out the defaulted trailing
+    # prior_weight, distill_all.
     if grad_loss is None:
-        return (None,) * 8
+        return (None,) * nargs
     # The saved gradients are values, not functions of the logits: a graph of this backward
     # (create_graph=True) would carry a second derivative of 0. Refuse it rather than be wrong.
     if torch.is_grad_enabled():
@@ -108,11 +126,12 @@ def _input_grads(ctx, grad_loss, need_lb: bool, need_s: bool):
     grad_lb, grad_ulb_s = ctx.saved_tensors
     g_lb = _scale(grad_lb, grad_loss) if need_lb else None
     g_s = _scale(grad_ulb_s, grad_loss) if need_s else None
-    return g_lb, None, None, g_s, None, None, None, None
+    return (g_lb, None, None, g_s) + (None,) * (nargs - 4)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    return _input_grads(ctx, grad_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
+    return _input_grads(ctx, grad_loss, ctx.needs_input_grad[0], ctx.needs_input_grad[3],
+                        len(ctx.needs_input_grad))
 
 
 for _name in OP_NAMES:
@@ -137,7 +156,7 @@ class FusedStep(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):
         # needs_input_grad[0] is `op`; the op's arguments follow.
         return (None,) + _input_grads(ctx, grad_loss, ctx.needs_input_grad[1],
-                                      ctx.needs_input_grad[4])
+                                      ctx.needs_input_grad[4], len(ctx.needs_input_grad) - 1)
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:

@@ -20,6 +20,14 @@ sync, no data-dependent shape (CUDA-graph capturable), bitwise reproducible run 
          loss_part  [P, 4]  (sum_b CE_s, sum_i M CE_u, sum_i (1-M) H, sum of the prior partial)
          prior_part [P, C]  sum over the program's weak rows of their batch-prior rows: softmax(z_w)
                             (raw), or softmax(z_w + du) with the EM estimator (see below)
+     With prior weights w (the constexpr WEIGHTED; without them the kernels are the code they
+     were): a weak row adds w_i times its prior row (w_i folded into the row's scale 1 / s_w
+     or 1 / sum_c e_w r), nothing when !(w_i > 0) (tl.where, so a NaN row of weight 0 leaves no
+     trace). The weight sum W is not a partial: the finalize kernel sums the N weights.
+     With distill_all (the constexpr DISTILL_ALL; False is the code it was) every row distils
+     once the gate is on: the third slot sums H over all rows, an M = 1 row has both terms
+     and both gradients, from the exps the row already has (T = 1: softmax(a) and pw; T != 1:
+     the pass at 1/T that the M = 0 rows take).
      Why every program recomputes the prologue: it is O(C) (one pow and three logs per class), a
      few microseconds of float64 work spread over all SMs, against O((B + N) C / P) row work per
      program; a separate prologue launch would cost more than that, and sharing one result
@@ -31,9 +39,12 @@ sync, no data-dependent shape (CUDA-graph capturable), bitwise reproducible run 
      transcendental per element of a 2-row tile may make the loop regime compute-bound; the
      alternative (a [P, 2, C] scratch of adjustments per program) adds P C words of traffic.
   2. `_finalize_kernel` sums the partials over P in a fixed order and writes the loss, its three
-     terms and prior_batch, then (when `update`) applies the epilogue: ok = all finite
+     terms and prior_batch (sum / N, or with weights sum * (1 / W), W = the sum of the positive
+     w_i, which every program forms from the N weights in one fixed order, all NaN when
+     W == 0), then (when `update`) applies the epilogue: ok = all finite
      (prior_batch); Q <- m Q + (1 - m) prior_batch in Q's dtype (m and 1 - m rounded once), else
-     skipped_updates += 1; step += 1. Program j owns columns [16 j, 16 j + 16) of the prior, and
+     skipped_updates += 1; step += 1 (weighted with W == 0: Q and skipped_updates kept, step
+     += 1). Program j owns columns [16 j, 16 j + 16) of the prior, and
      program 0 the step and skip counters, so no two programs write the same word and no
      program reads a word another one writes. ok is the same decision in every program: the
      fourth loss slot sums each program's whole prior partial, which is finite exactly when all
@@ -215,6 +226,15 @@ def _load_block(ptr, offs, m2, cmask, d, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_weights(wt_ptr, rows, N, ACC: tl.constexpr):
+    """The prior weights of rows `rows` (< N) in the acc dtype, with every weight that is not
+    > 0 (0, negative, NaN; and padding rows) replaced by 0: a row of weight 0 here is left out of
+    the batch prior entirely, and these values are what W sums."""
+    w = tl.load(wt_ptr + rows, mask=rows < N, other=0.0).to(ACC)
+    return tl.where(w > 0.0, w, 0.0)
+
+
+@triton.jit
 def _bad_label(y, C):
     """Labels outside [0, C): their row's CE and gradient are NaN (never an address)."""
     return (y < 0) | (y >= C)
@@ -251,7 +271,8 @@ def _sup_tile(x_raw, y, glb_ptr, ds, rows, cols, B, C, ACC: tl.constexpr):
 
 @triton.jit
 def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, thr,
-                lam_u, lam_d, gate_on, t, em, ACC: tl.constexpr):
+                lam_u, lam_d, gate_on, t, em, wv, WEIGHTED: tl.constexpr, ACC: tl.constexpr,
+                DISTILL_ALL: tl.constexpr = False):
     """Unlabeled rows `rows`, loaded as w_raw (weak) and s_raw (strong): the weak and strong row of
     each sample together, whole rows in registers.
 
@@ -268,6 +289,10 @@ def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, 
            log((1 + eps) / eps)). r is formed per tile from du in registers: C exps shared by
            the tile's ROWS rows, cheaper than keeping a second [BLOCK_C] live across tiles.
            A NaN/inf weak row has NaN e_w, so its pe is NaN in every column, as pw is.
+      WEIGHTED: wv [ROWS] are the rows' prior weights from `_row_weights` (0 where not > 0),
+           folded into the per-row scale (pw: e_w (w / s_w); pe: e_w r (w / sum_c e_w r)); a row
+           of weight 0 is masked out (tl.where, so a NaN row adds nothing). Unweighted, wv is
+           unused and the code is what it was.
     Strong view:  a = z_s + du;  CE_u = log(s_a) + (m_a - a[yhat]).
     Distillation (only when gate != 0; with gate == 0 it is skipped, never multiplied by 0):
       q = softmax(z_w / T), p_T = softmax(a / T); with m'_a = m_a / T (T > 0 keeps the argmax),
@@ -276,6 +301,11 @@ def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, 
     Gradient:  dL/dz_s = (lambda_u M (softmax(a) - onehot(yhat))
                           + lambda_d (1-M) (p_T - q) / T) / N.
     T == 1 (the released default) is a runtime branch reusing pw and softmax(a): no extra exps.
+    DISTILL_ALL (the op's distill_all, a constexpr): the distillation covers every row, H and
+    lambda_d (p_T - q) / T without the (1 - M) factor, so an M = 1 row has both terms (and a
+    NaN strong row both NaN); the same exps serve both (T = 1: pa and pw; T != 1: the second
+    pass at 1/T). False: the code it was before.
+    Returns (prior, M * CE_u, (1-M) * H, or H on every row with DISTILL_ALL).
     """
     rmask = rows < N
     cmask = cols < C
@@ -288,12 +318,21 @@ def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, 
     inv_sw = 1.0 / tl.sum(e_w, 1)
     msk = tl.where(rmask & (inv_sw >= thr), 1.0, 0.0).to(ACC)
     pw = e_w * inv_sw[:, None]
-    if em:
-        er = e_w * tl.exp(du)[None, :]
-        pe = er * (1.0 / tl.sum(er, 1))[:, None]
-        prior = tl.sum(tl.where(rmask[:, None], pe, 0.0), 0)
+    if WEIGHTED:
+        keep = wv > 0.0                                   # False on padding rows (wv = 0)
+        if em:
+            er = e_w * tl.exp(du)[None, :]
+            pe = er * (wv / tl.sum(er, 1))[:, None]
+            prior = tl.sum(tl.where(keep[:, None], pe, 0.0), 0)
+        else:
+            prior = tl.sum(tl.where(keep[:, None], e_w * (inv_sw * wv)[:, None], 0.0), 0)
     else:
-        prior = tl.sum(tl.where(rmask[:, None], pw, 0.0), 0)
+        if em:
+            er = e_w * tl.exp(du)[None, :]
+            pe = er * (1.0 / tl.sum(er, 1))[:, None]
+            prior = tl.sum(tl.where(rmask[:, None], pe, 0.0), 0)
+        else:
+            prior = tl.sum(tl.where(rmask[:, None], pw, 0.0), 0)
 
     a = tl.where(cmask[None, :], s_raw.to(ACC) + du[None, :], float("-inf"))
     m_a = tl.max(a, 1)
@@ -310,7 +349,10 @@ def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, 
         # q * (m_a - a) on padding columns would be 0 * inf: masked out of the sums.
         if t == 1.0:
             h = tl.log(s_a) + tl.sum(tl.where(cmask[None, :], pw * (m_a[:, None] - a), 0.0), 1)
-            g = g + lam_d * (1.0 - msk)[:, None] * (pa - pw)
+            if DISTILL_ALL:
+                g = g + lam_d * (pa - pw)
+            else:
+                g = g + lam_d * (1.0 - msk)[:, None] * (pa - pw)
         else:
             # Ordered so that w, then a, die early (this branch sets the kernel's register peak).
             inv_t = 1.0 / t
@@ -320,8 +362,14 @@ def _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N, C, 
             p_t = tl.exp((a - m_a[:, None]) * inv_t)
             s_t = tl.sum(p_t, 1)
             h = tl.log(s_t) + inv_t * dot
-            g = g + (lam_d * inv_t) * (1.0 - msk)[:, None] * (p_t * (1.0 / s_t)[:, None] - q)
-        ld = tl.where(rmask, (1.0 - msk) * h, 0.0)
+            if DISTILL_ALL:
+                g = g + (lam_d * inv_t) * (p_t * (1.0 / s_t)[:, None] - q)
+            else:
+                g = g + (lam_d * inv_t) * (1.0 - msk)[:, None] * (p_t * (1.0 / s_t)[:, None] - q)
+        if DISTILL_ALL:
+            ld = tl.where(rmask, h, 0.0)
+        else:
+            ld = tl.where(rmask, (1.0 - msk) * h, 0.0)
 
     inv_n = _reciprocal(N, ACC)
     tl.store(gs_ptr + offs, (g * inv_n).to(gs_ptr.dtype.element_ty), mask=m2)
@@ -380,8 +428,9 @@ def _sup_tile_looped(zl_ptr, y_ptr, glb_ptr, adj_ptr, pl_ptr, q_ptr, alpha, inv_
 @triton.jit
 def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_ptr, r_ptr, alpha,
                        inv_z, eps, prior_row_ptr, rows, cols0, N, C, thr, lam_u, lam_d, gate_on, t,
-                       em, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ADJ: tl.constexpr,
-                       LATE_STRONG: tl.constexpr, ACC: tl.constexpr):
+                       em, wt_ptr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ADJ: tl.constexpr,
+                       LATE_STRONG: tl.constexpr, WEIGHTED: tl.constexpr, ACC: tl.constexpr,
+                       DISTILL_ALL: tl.constexpr = False):
     """Unlabeled rows for large C, column blocks of BLOCK_C. Same math as `_unsup_tile`.
 
     Pass 1 (online, see `_sup_tile_looped`): weak max m_w, sum s_w and first argmax (a block's
@@ -394,15 +443,28 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
     exp(m_w - m_w') as the max moves; r costs BLOCK_C exps per block, shared by the tile's rows.
     Pass 2: pw, M, the prior partial row (pw, or with `em` pe = exp(z_w - m_w) r / s_e, the
     block's exps shared with pw), a[yhat], sum_c q_c (m_a - a_c) and the gradient.
-    LATE_STRONG (the step's EM specialisation): pass 2 loads the strong block after the prior
-    partial's update instead of with the weak block. A 16-warp program has at most 128 registers
-    a thread; the float64 adjustments, the EM prior's tile and a strong block in flight across
-    the barrier exceed them (32 bytes of spill, sm_90, fp32), the later load does not. Raw mode
-    and flexda_fwd_triton (adjustments loaded) keep the early load: their code is unchanged.
+    WEIGHTED (wt_ptr: the [N] prior weights): the prior rows are exp(z_w - m_w) (w / s_w), or
+    exp(z_w - m_w) r (w / s_e), the weight folded into the per-row scale, and rows of weight 0
+    are masked out of the partial (so a NaN row of weight 0 adds nothing). The weights are
+    loaded after pass 1 and live only as that scale (kp) and its mask through pass 2 (loaded
+    before pass 1, they were live across both loops: 32 bytes of spill under the 128-register
+    cap, sm_90, fp32); their sum W is the finalize kernel's.
+    LATE_STRONG (the step's EM specialisation, and every WEIGHTED one): pass 2 loads the strong
+    block after the prior partial's update instead of with the weak block. A 16-warp program has
+    at most 128 registers a thread; the float64 adjustments, the EM prior's tile and a strong
+    block in flight across the barrier exceed them (32 bytes of spill, sm_90, fp32), the later
+    load does not (the weighted prior's tile likewise: 24 bytes with the early load). Unweighted
+    raw mode and flexda_fwd_triton keep the early load: their code is unchanged.
+    The fourth loss slot (psum, only tested for finiteness) is, with WEIGHTED, the rows' kp s_w
+    (kp s_e with `em`) where kept: w_i for a finite row, NaN for a NaN row, formed once per
+    tile instead of a per-block row sum of the weighted tile (which also made it spill).
     The program's prior partial row lives in global memory (C is too large for registers): it is
     read-modified-written by this program only, after a barrier so that no thread of the program
     reads an element before the thread that wrote it last has finished.
-    Returns (M * CE_u [ROWS], (1-M) * H [ROWS], the tile's sum of its prior rows (a scalar)).
+    DISTILL_ALL: every row distils (no (1 - M) factor on H and on its gradient; see
+    `_unsup_tile`), from the same two passes.
+    Returns (M * CE_u [ROWS], (1-M) * H [ROWS] (H with DISTILL_ALL), the tile's sum of its prior
+    rows (a scalar)).
     """
     rmask = rows < N
     row_off = rows.to(tl.int64) * C
@@ -451,11 +513,23 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
     inv_sa = 1.0 / s_a
     inv_sq = 1.0 / s_q
     inv_st = 1.0 / s_t
+    if WEIGHTED:
+        wv = _row_weights(wt_ptr, rows, N, ACC)
+        keep = wv > 0.0                                   # False on padding rows (wv = 0)
+        if em:                                            # the row's scale in the prior
+            kp = wv * inv_se
+        else:
+            kp = wv * inv_sw
     msk = tl.where(rmask & (inv_sw >= thr), 1.0, 0.0).to(ACC)
     inv_n = _reciprocal(N, ACC)
     a_y = tl.zeros([ROWS], ACC)
     dot = tl.zeros([ROWS], ACC)
     psum = tl.zeros([ROWS], ACC)
+    if WEIGHTED:                  # the rows' sums of their prior rows, once (see above)
+        if em:
+            psum = tl.where(keep, kp * s_e, 0.0)
+        else:
+            psum = tl.where(keep, kp * s_w, 0.0)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         cmask = cols < C
@@ -469,14 +543,21 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
 
         e_w = tl.exp(w - m_w[:, None])
         pw = tl.where(rmask[:, None], e_w * inv_sw[:, None], 0.0)
-        if em:
-            pe = tl.where(rmask[:, None], (e_w * tl.exp(d)[None, :]) * inv_se[:, None], 0.0)
-            prior_rows = tl.sum(pe, 1)
-            prior_cols = tl.sum(pe, 0)
+        if WEIGHTED:
+            if em:
+                pk = tl.where(keep[:, None], (e_w * tl.exp(d)[None, :]) * kp[:, None], 0.0)
+            else:
+                pk = tl.where(keep[:, None], e_w * kp[:, None], 0.0)
+            prior_cols = tl.sum(pk, 0)
         else:
-            prior_rows = tl.sum(pw, 1)
-            prior_cols = tl.sum(pw, 0)
-        psum += prior_rows
+            if em:
+                pe = tl.where(rmask[:, None], (e_w * tl.exp(d)[None, :]) * inv_se[:, None], 0.0)
+                prior_rows = tl.sum(pe, 1)
+                prior_cols = tl.sum(pe, 0)
+            else:
+                prior_rows = tl.sum(pw, 1)
+                prior_cols = tl.sum(pw, 0)
+            psum += prior_rows
         tl.debug_barrier()
         part = tl.load(prior_row_ptr + cols, mask=cmask, other=0.0)
         tl.store(prior_row_ptr + cols, part + prior_cols, mask=cmask)
@@ -491,10 +572,16 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
             if need_t:
                 q = tl.exp((w - m_w[:, None]) * inv_t) * inv_sq[:, None]
                 p_t = tl.exp((a - m_a[:, None]) * inv_t) * inv_st[:, None]
-                g = g + (lam_d * inv_t) * (1.0 - msk)[:, None] * (p_t - q)
+                if DISTILL_ALL:
+                    g = g + (lam_d * inv_t) * (p_t - q)
+                else:
+                    g = g + (lam_d * inv_t) * (1.0 - msk)[:, None] * (p_t - q)
             else:
                 q = pw
-                g = g + lam_d * (1.0 - msk)[:, None] * (pa - pw)
+                if DISTILL_ALL:
+                    g = g + lam_d * (pa - pw)
+                else:
+                    g = g + lam_d * (1.0 - msk)[:, None] * (pa - pw)
             dot += tl.sum(tl.where(cmask[None, :], q * (m_a[:, None] - a), 0.0), 1)
         tl.store(gs_ptr + offs, (g * inv_n).to(gs_ptr.dtype.element_ty), mask=m2)
 
@@ -505,7 +592,10 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
             h = tl.log(s_t) + inv_t * dot
         else:
             h = tl.log(s_a) + dot
-        ld = tl.where(rmask, (1.0 - msk) * h, 0.0)
+        if DISTILL_ALL:
+            ld = tl.where(rmask, h, 0.0)
+        else:
+            ld = tl.where(rmask, (1.0 - msk) * h, 0.0)
     tl.store(mask_ptr + rows, msk, mask=rmask)
     tl.store(plab_ptr + rows, yhat.to(tl.int64), mask=rmask)
     return lu, ld, tl.sum(psum, 0)
@@ -515,11 +605,12 @@ def _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_ptr, q_pt
                                "power_bits", "distill_start", "lam_u_bits", "lam_d_bits",
                                "eps_bits"])
 def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, tgt_ptr, hp_ptr, step_ptr,
-                 loss_part_ptr, prior_part_ptr, mask_ptr, plab_ptr, glb_ptr, gs_ptr,
+                 wt_ptr, loss_part_ptr, prior_part_ptr, mask_ptr, plab_ptr, glb_ptr, gs_ptr,
                  B, N, row_bytes, thr_bits, total_steps, epoch_steps, alpha_min_bits, power_bits,
                  distill_start, lam_u_bits, lam_d_bits, eps_bits,
                  ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOOP_C: tl.constexpr,
-                 ADJ: tl.constexpr, STEP: tl.constexpr, PRIOR_EM: tl.constexpr):
+                 ADJ: tl.constexpr, STEP: tl.constexpr, PRIOR_EM: tl.constexpr,
+                 WEIGHTED: tl.constexpr = False, DISTILL_ALL: tl.constexpr = False):
     """One persistent program: the prologue, labeled tiles pid, pid+P, ... then the unlabeled
     tiles that continue the same round robin (global tile index TL + u); finally its partials.
 
@@ -532,6 +623,14 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, tgt_ptr, h
     pointer when STEP = False); hp_ptr the temperature;
     step_ptr the step counter; the floats come as float64 bits; PRIOR_EM is the op's `prior_em`
     (a host bool, so a constexpr: the raw step compiles to the kernel it was before).
+    WEIGHTED (both ops): wt_ptr holds the [N] prior weights (acc dtype); each unlabeled row's
+    prior contribution is scaled by its weight (left out when the weight is not > 0); the
+    weights' sum W is left to `_finalize_kernel` (a W_p accumulator here made the looped
+    kernel spill). Unweighted, wt_ptr is any unused pointer and the code is what it was before
+    prior weights existed. loss_part is [P, 4] either way.
+    DISTILL_ALL (both ops, the op's host bool distill_all): when the gate is on, every unlabeled
+    row has the distillation term and its gradient (an M = 1 row both terms); the third loss
+    slot sums H over all rows. False compiles to the kernel as it was.
     """
     ACC: tl.constexpr = loss_part_ptr.dtype.element_ty   # fp32, or fp64 for fp64 logits
     pid = tl.program_id(0)
@@ -587,8 +686,9 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, tgt_ptr, h
             lu, ld, ps = _unsup_tile_looped(zw_ptr, zs_ptr, gs_ptr, mask_ptr, plab_ptr, adj_u_ptr,
                                             adj_u_ptr, tgt_ptr, alpha, inv_z, eps, prior_row_ptr,
                                             tile * ROWS + r, cols, N, C, thr, lam_u, lam_d,
-                                            gate_on, t, em, ROWS, BLOCK_C, ADJ,
-                                            STEP and PRIOR_EM, ACC)
+                                            gate_on, t, em, wt_ptr, ROWS, BLOCK_C, ADJ,
+                                            (STEP and PRIOR_EM) or WEIGHTED, WEIGHTED, ACC,
+                                            DISTILL_ALL)
             lu_acc += lu
             ld_acc += ld
             psum += ps
@@ -620,15 +720,24 @@ def _rows_kernel(zl_ptr, y_ptr, zw_ptr, zs_ptr, adj_l_ptr, adj_u_ptr, tgt_ptr, h
         rows = u_start * ROWS + r
         w_raw = _load_tile(zw_ptr, rows, cols, N, C)
         s_raw = _load_tile(zs_ptr, rows, cols, N, C)
+        if WEIGHTED:
+            wv = _row_weights(wt_ptr, rows, N, ACC)
+        else:
+            wv = lu_acc                                       # unused
         for tile in range(u_start, n_unl, nprog):
             rows = tile * ROWS + r
             nxt = rows + nprog * ROWS
             w_nxt = _load_tile(zw_ptr, nxt, cols, N, C)
             s_nxt = _load_tile(zs_ptr, nxt, cols, N, C)
+            if WEIGHTED:
+                wv_nxt = _row_weights(wt_ptr, nxt, N, ACC)
             p, lu, ld = _unsup_tile(w_raw, s_raw, gs_ptr, mask_ptr, plab_ptr, du, rows, cols, N,
-                                    C, thr, lam_u, lam_d, gate_on, t, em, ACC)
+                                    C, thr, lam_u, lam_d, gate_on, t, em, wv, WEIGHTED, ACC,
+                                    DISTILL_ALL)
             w_raw = w_nxt
             s_raw = s_nxt
+            if WEIGHTED:
+                wv = wv_nxt
             prior_acc += p
             lu_acc += lu
             ld_acc += ld
@@ -646,7 +755,7 @@ def _finalize_kernel(loss_part_ptr, prior_part_ptr, hp_ptr, step_ptr, skipped_pt
                      loss_ptr, ls_ptr, lu_ptr, ld_ptr, prior_ptr, P, B, N, C,
                      lam_u_bits, lam_d_bits, distill_start, mom_bits,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr,
-                     UPDATE: tl.constexpr):
+                     UPDATE: tl.constexpr, WEIGHTED: tl.constexpr = False, wt_ptr=None):
     """Deterministic reduction of the partials, then the step's epilogue.
 
     Program j sums columns [j*BLOCK_C, ...) of prior_part over the P rows in a fixed order and
@@ -657,6 +766,12 @@ def _finalize_kernel(loss_part_ptr, prior_part_ptr, hp_ptr, step_ptr, skipped_pt
     (read by program 0 only, before it writes it); else from hparams (hp_ptr).
     UPDATE (STEP only): every program decides ok from the fourth loss slot (the same fixed-order
     sum in each), updates its own columns of Q when ok, and program 0 advances the counters.
+    WEIGHTED (prior weights, wt_ptr the [N] weights in the acc dtype; unweighted it is None, a
+    constexpr, so the kernel's parameters are what they were): every program sums the N
+    weights itself, W = sum of the w_i > 0, in one fixed order (BLOCK_P-wide blocks, then the
+    block's lanes), so all programs hold the same W; prior_batch = (sum of the partials) *
+    (1 / W), all NaN when W == 0. With UPDATE and W == 0 the epilogue leaves Q and
+    skipped_updates as they are (no estimate, nothing counted) and only advances the step.
     """
     ACC: tl.constexpr = prior_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -668,7 +783,16 @@ def _finalize_kernel(loss_part_ptr, prior_part_ptr, hp_ptr, step_ptr, skipped_pt
         rows = p0 + p
         ptrs = prior_part_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :]
         acc += tl.load(ptrs, mask=(rows < P)[:, None] & cmask[None, :], other=0.0)
-    prior_batch = tl.sum(acc, 0) * _reciprocal(N, ACC)
+    if WEIGHTED:
+        wacc = tl.zeros([BLOCK_P], ACC)
+        for n0 in range(0, N, BLOCK_P):
+            wacc += _row_weights(wt_ptr, n0 + p, N, ACC)
+        w_total = tl.sum(wacc, 0)
+        has_rows = w_total > 0.0                    # W == 0: no row to estimate from
+        inv_w = tl.full([], 1.0, ACC) / w_total
+        prior_batch = tl.where(has_rows, tl.sum(acc, 0) * inv_w, float("nan"))
+    else:
+        prior_batch = tl.sum(acc, 0) * _reciprocal(N, ACC)
     tl.store(prior_ptr + cols, prior_batch, mask=cmask)
 
     k = tl.arange(0, 4)
@@ -676,7 +800,8 @@ def _finalize_kernel(loss_part_ptr, prior_part_ptr, hp_ptr, step_ptr, skipped_pt
     for p0 in range(0, P, BLOCK_P):
         rows = p0 + p
         lmask = (rows < P)[:, None] & (k < 4)[None, :]
-        lacc += tl.load(loss_part_ptr + rows[:, None] * 4 + k[None, :], mask=lmask, other=0.0)
+        lacc += tl.load(loss_part_ptr + rows[:, None] * 4 + k[None, :], mask=lmask,
+                        other=0.0)
     sums = tl.sum(lacc, 0)
 
     if pid == 0:
@@ -701,12 +826,16 @@ def _finalize_kernel(loss_part_ptr, prior_part_ptr, hp_ptr, step_ptr, skipped_pt
         if UPDATE:
             total = tl.sum(tl.where(k == 3, sums, 0.0), 0)
             ok0 = tl.abs(total) < float("inf")               # False for NaN and +-inf
+            if WEIGHTED:
+                ok0 = ok0 | (w_total <= 0.0)                 # W == 0: skipped, not counted
             tl.store(skipped_ptr, tl.load(skipped_ptr) + tl.where(ok0, 0, 1).to(tl.int64))
             tl.store(step_ptr, t_step + 1)
 
     if UPDATE:
         total = tl.sum(tl.where(k == 3, sums, 0.0), 0)
         ok = tl.abs(total) < float("inf")
+        if WEIGHTED:
+            ok = ok & has_rows                               # W == 0: Q kept as it is
         QT: tl.constexpr = q_ptr.dtype.element_ty
         mom = _f64(mom_bits)
         m = mom.to(QT)                                       # both rounded once, from float64
@@ -878,9 +1007,11 @@ def _programs_per_sm(kernel, key, args, meta, device: torch.device) -> int:
 
 
 def rows_kernel_resources(num_classes: int, dtype: torch.dtype, device="cuda",
-                          prior_em: bool = False) -> dict:
+                          prior_em: bool = False, prior_weight: bool = False,
+                          distill_all: bool = False) -> dict:
     """What ptxas made of the step's row kernel for C = num_classes and `dtype` on `device`
-    (compiled, not launched; the EM batch prior's specialisation with `prior_em`): registers,
+    (compiled, not launched; the EM batch prior's specialisation with `prior_em`, the prior
+    weights' with `prior_weight`, every row distilling with `distill_all`): registers,
     spills, shared memory, and the programs per SM and grid the launcher derives from them.
     For the GPU check's report; needs a GPU."""
     device = torch.device(device)
@@ -890,25 +1021,30 @@ def rows_kernel_resources(num_classes: int, dtype: torch.dtype, device="cuda",
     z = torch.empty((rows, num_classes), device=device, dtype=dtype)
     f32 = dict(device=device, dtype=torch.float32)
     prior = torch.empty(num_classes, **f32)
+    weighted = bool(prior_weight)
     meta = dict(ROWS=cfg.rows, BLOCK_C=cfg.block_c, LOOP_C=cfg.loop_c, ADJ=ADJ_PRIORS.value,
-                STEP=True, PRIOR_EM=bool(prior_em), num_warps=cfg.num_warps,
+                STEP=True, PRIOR_EM=bool(prior_em), WEIGHTED=weighted,
+                DISTILL_ALL=bool(distill_all), num_warps=cfg.num_warps,
                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     args = (z, torch.empty(rows, device=device, dtype=torch.int64), z, z, prior, prior,
-            torch.empty((), **f32), torch.empty((), device=device, dtype=torch.int64),
+            prior, torch.empty((), **f32), torch.empty((), device=device, dtype=torch.int64),
+            torch.empty(rows, device=device, dtype=acc),
             torch.empty((1, LOSS_SLOTS), device=device, dtype=acc),
             torch.empty((1, num_classes), device=device, dtype=acc),
             torch.empty(rows, device=device, dtype=acc),
             torch.empty(rows, device=device, dtype=torch.int64), z, z,
-            rows, rows, num_classes * z.element_size(), _f64_bits(0.95), 100, _f64_bits(0.1),
-            _f64_bits(2.0), 0, _f64_bits(1.0), _f64_bits(1.0), _f64_bits(1e-9))
+            rows, rows, num_classes * z.element_size(), _f64_bits(0.95), 100, 1,
+            _f64_bits(0.1), _f64_bits(2.0), 0, _f64_bits(1.0), _f64_bits(1.0), _f64_bits(1e-9))
     with _device_ctx(device):
         compiled = _rows_kernel.warmup(*args, grid=(1,), **meta)
         compiled._init_handles()
         per_sm = _programs_per_sm(_rows_kernel, ("report", dtype, cfg, bool(prior_em),
-                                                 device.index), args, meta, device)
+                                                 weighted, bool(distill_all), device.index),
+                                  args, meta, device)
         sms = _sm_count(device)
     return {"dtype": str(dtype).replace("torch.", ""), "C": num_classes, **cfg._asdict(),
-            "prior_em": bool(prior_em),
+            "prior_em": bool(prior_em), "prior_weight": weighted,
+            "distill_all": bool(distill_all),
             "n_regs": int(compiled.n_regs), "n_spills": int(compiled.n_spills),
             "shared": int(compiled.metadata.shared), "programs_per_sm": per_sm, "sms": sms,
             "grid": per_sm * sms}
@@ -955,11 +1091,13 @@ def _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s):
 
 
 def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, b, n, c, threshold, scalars,
-                 adj, step_mode, acc, prior_em=False):
+                 adj, step_mode, acc, prior_em=False, prior_weight=None, distill_all=False):
     """Allocates the row outputs and partials, launches `_rows_kernel`. Returns the outputs and
     partials (mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog).
     `prior_em` (the step op's, a constexpr) only with step_mode; flexda_fwd_triton's estimator is
-    read from hparams in the kernel."""
+    read from hparams in the kernel. `prior_weight`: the [N] contiguous acc-dtype weights (the
+    WEIGHTED specialisation) or None (the kernel as before). `distill_all`: the DISTILL_ALL
+    specialisation (every row distils), both ops."""
     dev = z_l.device
     dtype = z_l.dtype
     cfg = kernel_config(c, dtype)
@@ -968,8 +1106,11 @@ def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, b, n, c, thresho
     pseudo_labels = torch.empty(n, device=dev, dtype=torch.int64)
     grad_lb = torch.empty((b, c), device=dev, dtype=dtype)
     grad_ulb_s = torch.empty((n, c), device=dev, dtype=dtype)
+    weighted = prior_weight is not None
+    wt = prior_weight if weighted else mask      # unweighted: an unused stand-in pointer
     meta = dict(ROWS=cfg.rows, BLOCK_C=cfg.block_c, LOOP_C=cfg.loop_c, ADJ=adj, STEP=step_mode,
-                PRIOR_EM=bool(prior_em and step_mode), num_warps=cfg.num_warps,
+                PRIOR_EM=bool(prior_em and step_mode), WEIGHTED=weighted,
+                DISTILL_ALL=bool(distill_all), num_warps=cfg.num_warps,
                 **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     tail = (b, n, c * z_l.element_size(), _f64_bits(threshold), *scalars)
     if INTERPRETED or dev.type != "cuda":
@@ -977,18 +1118,20 @@ def _launch_rows(z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, b, n, c, thresho
     else:
         # Occupancy of this specialisation, cached after the first call; the first compiles it
         # with stand-in partials (the grid size does not enter the kernel's code).
-        key = ("rows", dtype, cfg, adj, step_mode, meta["PRIOR_EM"], _device_index(dev))
+        key = ("rows", dtype, cfg, adj, step_mode, meta["PRIOR_EM"], weighted,
+               meta["DISTILL_ALL"], _device_index(dev))
         per_sm = _OCCUPANCY.get(key) or PROGRAMS_PER_SM
         if not per_sm:
             probe = torch.empty((1, LOSS_SLOTS), device=dev, dtype=acc)
             per_sm = _programs_per_sm(_rows_kernel, key, (z_l, y, z_w, z_s, adj_l, adj_u, tgt,
-                                                          hp, step, probe, probe, mask, pseudo_labels,
-                                                          grad_lb, grad_ulb_s, *tail), meta, dev)
+                                                          hp, step, wt, probe, probe, mask,
+                                                          pseudo_labels, grad_lb, grad_ulb_s,
+                                                          *tail), meta, dev)
         nprog = max(1, min(tiles, per_sm * _sm_count(dev)))
     loss_part = torch.empty((nprog, LOSS_SLOTS), device=dev, dtype=acc)
     prior_part = torch.empty((nprog, c), device=dev, dtype=acc)
-    _rows_kernel[(nprog,)](z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, loss_part, prior_part,
-                           mask, pseudo_labels, grad_lb, grad_ulb_s, *tail, **meta)
+    _rows_kernel[(nprog,)](z_l, y, z_w, z_s, adj_l, adj_u, tgt, hp, step, wt, loss_part,
+                           prior_part, mask, pseudo_labels, grad_lb, grad_ulb_s, *tail, **meta)
     return mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog
 
 
@@ -999,8 +1142,11 @@ def _device_ctx(dev: torch.device):
 def flexda_fwd_triton(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
                       logits_ulb_w: torch.Tensor, logits_ulb_s: torch.Tensor,
                       adj_lb: torch.Tensor, adj_ulb: torch.Tensor, hparams: torch.Tensor,
-                      threshold: float):
-    """Kernel of `adello::flexda_fwd_triton` (schema in adello_kernels/ops/flexda.py)."""
+                      threshold: float, prior_weight=None, distill_all: bool = False):
+    """Kernel of `adello::flexda_fwd_triton` (schema in adello_kernels/ops/flexda.py).
+    `prior_weight` [N] (or None): the per-row weights of the batch prior (the WEIGHTED
+    specialisation of both kernels). `distill_all`: every row distils when the gate is on (the
+    DISTILL_ALL specialisation of the row kernel)."""
     b, n, c = _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s)
     for name, v, size in (("adj_lb", adj_lb, c), ("adj_ulb", adj_ulb, c),
                           ("hparams", hparams, _flexda.NUM_HPARAMS)):
@@ -1014,6 +1160,7 @@ def flexda_fwd_triton(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     y = labels_lb.to(torch.int64).contiguous()
     ds, du = adj_lb.to(acc).contiguous(), adj_ulb.to(acc).contiguous()
     hp = hparams.to(acc).contiguous()
+    wt = _prior_weights(prior_weight, n, dev, acc)
 
     loss = torch.empty((), device=dev, dtype=acc)
     terms = torch.empty(3, device=dev, dtype=acc)
@@ -1021,13 +1168,27 @@ def flexda_fwd_triton(logits_lb: torch.Tensor, labels_lb: torch.Tensor,
     with _device_ctx(dev):
         mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog = _launch_rows(
             z_l, y, z_w, z_s, ds, du, du, hp, hp, b, n, c, threshold, (1, 1, 0, 0, 0, 0, 0, 0),
-            ADJ_LOADED.value, False, acc)
+            ADJ_LOADED.value, False, acc, prior_weight=wt, distill_all=bool(distill_all))
         _finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
             loss_part, prior_part, hp, hp, hp, hp, loss, terms[0], terms[1], terms[2],
             prior_batch, nprog, b, n, c, 0, 0, 0, 0,
             BLOCK_P=FIN_BLOCK_P, BLOCK_C=FIN_BLOCK_C, STEP=False, UPDATE=False,
-            num_warps=FIN_NUM_WARPS)
+            WEIGHTED=wt is not None, wt_ptr=wt, num_warps=FIN_NUM_WARPS)
     return loss, terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s
+
+
+def _prior_weights(prior_weight, n, dev, acc):
+    """The [N] prior weights as the row kernel reads them (contiguous, acc dtype), or None.
+    Metadata checks only (no device access): finite and >= 0 is the caller's contract
+    (functional.check_prior_weight); the kernels leave out every weight that is not > 0."""
+    if prior_weight is None:
+        return None
+    if prior_weight.shape != (n,) or not prior_weight.dtype.is_floating_point:
+        raise ValueError(f"prior_weight: expected a float [{n}] tensor, got {prior_weight.dtype} "
+                         f"{tuple(prior_weight.shape)}")
+    if prior_weight.device != dev:
+        raise ValueError(f"prior_weight: on {prior_weight.device}, the logits on {dev}")
+    return prior_weight.detach().to(acc).contiguous()
 
 
 def _check_state(prior_lb, prior_ulb, step, skipped_updates, temperature, c, dev):
@@ -1056,13 +1217,17 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
                               lambda_u: float, lambda_d: float, eps: float, flexda: bool,
                               threshold: float, prior_momentum: float, update: bool,
                               prior_em: bool = False, prior_target=None,
-                              alpha_epoch_steps: int = 1):
+                              alpha_epoch_steps: int = 1, prior_weight=None,
+                              distill_all: bool = False):
     """Kernel of `adello::flexda_step_triton` (schema and semantics: ops/step.py): two launches,
     torch.empty allocations besides; `prior_ulb`, `step`, `skipped_updates` updated in place
     when `update`. `prior_em` selects the EM batch prior (a constexpr of the row kernel); the
     epilogue updates Q with whichever prior_batch the rows gave. `prior_target` (or Q when
     None) is the prior the target Qa is flattened from; alpha advances once every
-    `alpha_epoch_steps` steps."""
+    `alpha_epoch_steps` steps. `prior_weight` [N] (or None) weights the rows of the batch prior
+    (the WEIGHTED specialisation of both kernels); all weights 0: Q and skipped_updates are left
+    as they are and only the step advances. `distill_all`: every row distils once the gate is
+    on (the DISTILL_ALL specialisation of the row kernel)."""
     b, n, c = _check_logits(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s)
     dev = logits_lb.device
     _check_state(prior_lb, prior_ulb, step, skipped_updates, temperature, c, dev)
@@ -1078,6 +1243,7 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
         raise ValueError(f"prior_target: expected a [{c}] float tensor on {dev}")
     dtype = logits_lb.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    wt = _prior_weights(prior_weight, n, dev, acc)
     # contiguous() returns the tensor itself when it already is (ADELLOLoss's row slices are);
     # only a strided input is copied.
     z_l, z_w, z_s = logits_lb.contiguous(), logits_ulb_w.contiguous(), logits_ulb_s.contiguous()
@@ -1086,20 +1252,23 @@ def flexda_step_triton_kernel(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, 
     new = dict(device=dev, dtype=acc)
     loss, loss_sup, loss_unsup, loss_distill = (torch.empty((), **new) for _ in range(4))
     prior_batch = torch.empty(c, **new)
-    scalars = (int(total_steps), int(alpha_epoch_steps), _f64_bits(alpha_min), _f64_bits(power), int(distill_start),
+    scalars = (int(total_steps), int(alpha_epoch_steps), _f64_bits(alpha_min), _f64_bits(power),
+               int(distill_start),
                _f64_bits(lambda_u), _f64_bits(lambda_d), _f64_bits(eps))
     with _device_ctx(dev):
         mask, pseudo_labels, grad_lb, grad_ulb_s, loss_part, prior_part, nprog = _launch_rows(
             z_l, y, z_w, z_s, p_l, prior_ulb,
             prior_ulb if prior_target is None else prior_target.contiguous(), temperature, step,
             b, n, c, threshold, scalars,
-            (ADJ_PRIORS if flexda else ADJ_ZERO).value, True, acc, bool(prior_em))
+            (ADJ_PRIORS if flexda else ADJ_ZERO).value, True, acc, bool(prior_em),
+            prior_weight=wt, distill_all=bool(distill_all))
         _finalize_kernel[(triton.cdiv(c, FIN_BLOCK_C),)](
             loss_part, prior_part, temperature, step, skipped_updates, prior_ulb, loss,
             loss_sup, loss_unsup, loss_distill, prior_batch, nprog, b, n, c,
             _f64_bits(lambda_u), _f64_bits(lambda_d), int(distill_start),
             _f64_bits(prior_momentum), BLOCK_P=FIN_BLOCK_P, BLOCK_C=FIN_BLOCK_C, STEP=True,
-            UPDATE=bool(update), num_warps=FIN_NUM_WARPS)
+            UPDATE=bool(update), WEIGHTED=wt is not None, wt_ptr=wt,
+            num_warps=FIN_NUM_WARPS)
     return (loss, loss_sup, loss_unsup, loss_distill, mask, pseudo_labels, prior_batch, grad_lb,
             grad_ulb_s)
 
@@ -1179,8 +1348,9 @@ class FlexdaStepTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        # one gradient slot per forward argument: 23, or fewer from a caller that left out
-        # the trailing prior_em, prior_target, alpha_epoch_steps (their schema defaults)
+        # one gradient slot per forward argument: 25, or fewer from a caller that left out
+        # the trailing prior_em, prior_target, alpha_epoch_steps, prior_weight, distill_all
+        # (their schema defaults); prior_weight gets none (the losses do not depend on it)
         nargs = len(ctx.needs_input_grad)
         if grad_loss is None:
             return (None,) * nargs
@@ -1203,7 +1373,7 @@ def flexda_step_triton(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_l
                        step, skipped_updates, temperature, total_steps, alpha_min, power,
                        distill_start, lambda_u, lambda_d, eps, flexda, threshold,
                        prior_momentum, update, prior_em=False, prior_target=None,
-                       alpha_epoch_steps=1):
+                       alpha_epoch_steps=1, prior_weight=None, distill_all=False):
     """One whole ADELLOLoss training step on the Triton kernels (arguments and outputs: the
     schema of adello::flexda_step in ops/step.py), differentiable w.r.t. logits_lb and
     logits_ulb_s through `loss`. Forward: two launches; backward: one; no host sync."""
@@ -1211,7 +1381,8 @@ def flexda_step_triton(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_l
                                   prior_ulb, step, skipped_updates, temperature, total_steps,
                                   alpha_min, power, distill_start, lambda_u, lambda_d, eps,
                                   flexda, threshold, prior_momentum, update, bool(prior_em),
-                                  prior_target, int(alpha_epoch_steps))
+                                  prior_target, int(alpha_epoch_steps), prior_weight,
+                                  bool(distill_all))
 
 
 def _step_autograd_kernel(*args):

@@ -6,8 +6,10 @@ when the batch prior is first all-reduced across ranks (the op then runs with up
 
     momentum_update(Q, prior_batch, m) -> (Q_t, ok)
         Q_t = m Q + (1 - m) prior_batch, or Q itself when prior_batch has a non-finite entry.
-    update_prior_(Q!, step!, skipped_updates!, prior_batch, m)
-        Q <- Q_t in place; skipped_updates += 1 when the update was skipped; step += 1.
+    update_prior_(Q!, step!, skipped_updates!, prior_batch, m, has_rows=None)
+        Q <- Q_t in place; skipped_updates += 1 when the update was skipped; step += 1. With
+        `has_rows` (a 0-d bool: the batch had a row of positive prior weight) False, only
+        step += 1: nothing to estimate from, nothing counted.
 All decided on the device (no host sync).
 """
 from __future__ import annotations
@@ -23,9 +25,13 @@ def momentum_update(prior_ulb: torch.Tensor, prior_batch: torch.Tensor, momentum
 
 
 def update_prior_(prior_ulb: torch.Tensor, step: torch.Tensor, skipped_updates: torch.Tensor,
-                  prior_batch: torch.Tensor, momentum: float) -> None:
+                  prior_batch: torch.Tensor, momentum: float,
+                  has_rows: torch.Tensor | None = None) -> None:
     """The epilogue of a step in place: Q <- momentum_update(...), skipped count, step += 1."""
     new, ok = momentum_update(prior_ulb, prior_batch, momentum)
+    if has_rows is not None:
+        new = torch.where(has_rows, new, prior_ulb)
+        ok = ok | ~has_rows
     prior_ulb.copy_(new)
     skipped_updates.add_((~ok).to(skipped_updates.dtype))
     step.add_(1)

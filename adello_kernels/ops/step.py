@@ -15,8 +15,11 @@
                 float prior_momentum, bool update, bool prior_em=False,
                 Tensor? prior_target=None,  [C]  float R: Qa is flattened from it (the released
                                                   "adello_gt" mode); None: from Q
-                int alpha_epoch_steps=1)          n in [1, total_steps]: alpha from
+                int alpha_epoch_steps=1,          n in [1, total_steps]: alpha from
                                                   floor(t / n) over floor(total_steps / n)
+                Tensor? prior_weight=None,  [N]   acc: per-row weights of the batch prior
+                                                  (ops/flexda.py); all 0: Q is left as it is
+                bool distill_all=False)           distillation on every row (ops/flexda.py)
       -> (Tensor loss,            0-d    acc: L_s + lambda_u L_u + [t >= t0] lambda_d L_d
           Tensor loss_sup,        0-d    acc: L_s
           Tensor loss_unsup,      0-d    acc: L_u
@@ -38,8 +41,10 @@ What one call does, in order (the math: docs/method.md; the contract: docs/contr
    (both 0 when `flexda` is off); the distillation gate [t >= distill_start]; T; prior_em.
 2. The fused rows (as adello::flexda_fwd, ops/flexda.py) and the fixed-order reduce.
 3. Epilogue, only when `update`: Q <- m Q + (1 - m) prior_batch (the raw or, with `prior_em`,
-   the EM batch prior: ops/flexda.py) unless prior_batch has a
-   non-finite entry (then skipped_updates += 1); step += 1. Every read of the state in 1-2
+   the EM batch prior; weighted with `prior_weight`: ops/flexda.py) unless prior_batch has a
+   non-finite entry (then skipped_updates += 1) or every prior weight is 0 (then nothing is
+   counted: the batch has no row to estimate from, as the released code's lb_in_ulb_mask
+   selection); step += 1. Every read of the state in 1-2
    happens before this write. `update=False` (used when the batch prior is all-reduced across
    ranks first) leaves all three state tensors untouched.
 
@@ -77,7 +82,8 @@ SCHEMA = (
     "Tensor temperature, int total_steps, float alpha_min, float power, int distill_start, "
     "float lambda_u, float lambda_d, float eps, bool flexda, float threshold, "
     "float prior_momentum, bool update, bool prior_em=False, Tensor? prior_target=None, "
-    "int alpha_epoch_steps=1) -> (Tensor loss, Tensor loss_sup, "
+    "int alpha_epoch_steps=1, Tensor? prior_weight=None, bool distill_all=False) -> "
+    "(Tensor loss, Tensor loss_sup, "
     "Tensor loss_unsup, Tensor loss_distill, Tensor mask, Tensor pseudo_labels, "
     "Tensor prior_batch, Tensor grad_lb, Tensor grad_ulb_s)")
 STEP_OP_NAMES = ("flexda_step", "flexda_step_triton")
@@ -94,7 +100,7 @@ scale_grads_ = torch.ops.adello.scale_grads_.default
 def _fake(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, prior_lb, prior_ulb, step,
           skipped_updates, temperature, total_steps, alpha_min, power, distill_start, lambda_u,
           lambda_d, eps, flexda, threshold, prior_momentum, update, prior_em=False,
-          prior_target=None, alpha_epoch_steps=1):
+          prior_target=None, alpha_epoch_steps=1, prior_weight=None, distill_all=False):
     acc = torch.float64 if logits_lb.dtype == torch.float64 else torch.float32
     n, c = logits_ulb_w.shape
     new = logits_lb.new_empty

@@ -174,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
                const at::Tensor& logits_ulb_w, const at::Tensor& logits_ulb_s,
                const at::Tensor& adj_lb, const at::Tensor& adj_ulb, const at::Tensor& hparams,
-               double threshold) {
+               double threshold, const std::optional<at::Tensor>& prior_weight,
+               bool distill_all) {
   // Second line of defence: flexda_loss validates with ValueErrors naming the argument.
   const auto dtype = logits_lb.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
@@ -198,11 +199,14 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
   check_vector(hparams, "hparams", kNumHParams, acc);
   TORCH_CHECK(threshold > 0.0 && threshold <= 1.0, "flexda_fwd: threshold must lie in (0, 1], "
               "got ", threshold);
+  const bool weighted = prior_weight.has_value() && prior_weight->defined();
+  if (weighted) check_vector(*prior_weight, "prior_weight", N, acc);
 
   // Strided inputs are copied once; contiguous ones (the usual case) are used as they are.
   const at::Tensor zl = logits_lb.contiguous(), zw = logits_ulb_w.contiguous(),
                    zs = logits_ulb_s.contiguous(), y = labels_lb.contiguous(),
-                   ds = adj_lb.contiguous(), du = adj_ulb.contiguous();
+                   ds = adj_lb.contiguous(), du = adj_ulb.contiguous(),
+                   w = weighted ? prior_weight->contiguous() : at::Tensor();
   // hparams is on the CPU, so reading it here costs no device sync.
   const at::Tensor hp = hparams.contiguous();
   double h[kNumHParams];
@@ -233,6 +237,7 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
   args.logits_ulb_s = zs.const_data_ptr();
   args.adj_lb = ds.const_data_ptr();
   args.adj_ulb = du.const_data_ptr();
+  args.prior_weight = weighted ? w.const_data_ptr() : nullptr;
   args.B = B;
   args.N = N;
   args.C = C;
@@ -241,6 +246,7 @@ flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
   args.gate = h[kHpGate] != 0.0;
   args.temperature = h[kHpTemperature];
   args.prior_em = h[kHpPriorEm] != 0.0;
+  args.distill_all = distill_all;
   args.threshold = threshold;
   args.loss = loss.data_ptr();
   args.terms = terms.data_ptr();

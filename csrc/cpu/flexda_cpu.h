@@ -27,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 flexda_fwd_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
                const at::Tensor& logits_ulb_w, const at::Tensor& logits_ulb_s,
                const at::Tensor& adj_lb, const at::Tensor& adj_ulb, const at::Tensor& hparams,
-               double threshold);
+               double threshold, const std::optional<at::Tensor>& prior_weight = std::nullopt,
+               bool distill_all = false);
 
 // The instruction set the kernel runs with in this process: "avx512", "avx2" or "generic".
 // Follows torch's CPU capability (at::get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 or
@@ -52,8 +53,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_prologue_cpu(
     at::ScalarType dtype);
 
 // The epilogue of adello::flexda_step (csrc/cpu/step_epilogue_cpu.cpp), in place: Q <- m Q +
-// (1 - m) prior_batch unless prior_batch is not finite (then skipped_updates += 1); step += 1.
+// (1 - m) prior_batch unless prior_batch is not finite (then skipped_updates += 1) or
+// `no_rows` (every prior weight is 0: nothing to estimate from, nothing counted); step += 1.
 void step_epilogue_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skipped_updates,
-                       const at::Tensor& prior_batch, double momentum);
+                       const at::Tensor& prior_batch, double momentum, bool no_rows = false);
 
 }  // namespace adello

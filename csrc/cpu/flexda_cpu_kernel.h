@@ -70,10 +70,12 @@ struct Args {
   const void* logits_ulb_s;   // [N, C] scalar_t
   const void* adj_lb;         // [C] acc
   const void* adj_ulb;        // [C] acc
+  const void* prior_weight;   // [N] acc per-row weights of the batch prior, or nullptr (all 1)
   int64_t B, N, C;
   double lambda_u, lambda_d, temperature;
   bool gate;                  // distill_gate != 0
   bool prior_em;              // prior_batch from softmax(w + du) (EM estimator), not softmax(w)
+  bool distill_all;           // distillation on every row, not only the rows with M = 0
   double threshold;
   void* loss;                 // 0-d acc
   void* terms;                // [3] acc

@@ -9,7 +9,8 @@
 //     grad_lb[b] = (softmax(x) - onehot(y_b)) / B
 //   unlabeled pair i (weak row w = z_w[i] and strong row z = z_s[i] read together), a = z + du:
 //     pw = softmax(w), M = [max pw >= tau] = [1 / sum_c exp(w_c - max w) >= tau],
-//     yhat = first index of max w, prior_batch += pw / N (every row, no mask)
+//     yhat = first index of max w, prior_batch += pw / N (every row, no mask; with prior
+//       weights w_i: += w_i pw / W, W = sum_i w_i, and a row with w_i <= 0 adds nothing)
 //       (EM estimator: += pe / N, pe_c = ew_c r_c / sum_c ew_c r_c = softmax(w + du)_c, with
 //       ew_c = exp(w_c - max w) the weak pass's stored exps and r_c = exp(du_c) once per call:
 //       one multiply-and-sum pass over the stored row, no exp per element)
@@ -17,8 +18,12 @@
 //     M = 0, gate:    L_d += H(q, softmax(a / T));  grad = lambda_d (softmax(a / T) - q) / (T N)
 //                     q = softmax(w / T)  (= pw when T = 1: the weak pass is reused)
 //     M = 0, no gate: nothing (the distillation term is skipped, not multiplied by 0)
-//   A row needs softmax(a) or softmax(a / T), never both, so an unlabeled pair costs one exp per
-//   element of each view (two on the weak row when T != 1 and the row distils).
+//     distill_all, gate: every row distils, so an M = 1 row has both terms (both_row):
+//                     grad = lambda_u (softmax(a) - onehot(yhat)) / N
+//                            + lambda_d (softmax(a / T) - q) / (T N)
+//   Otherwise a row needs softmax(a) or softmax(a / T), never both, so an unlabeled pair costs
+//   one exp per element of each view (two on the weak row when T != 1 and the row distils; with
+//   distill_all an M = 1 row at T != 1 takes two exp passes over its strong row).
 //
 // Every gradient normaliser is static (1/B, 1/N), so the gradients are final here; the autograd
 // backward only scales them by the incoming grad (adello_kernels/ops/flexda.py).
@@ -484,11 +489,12 @@ struct Kernel {
   const scalar_t *zl, *zw, *zs;
   const int64_t* labels;
   const acc_t *ds, *du;
+  const acc_t* weight;  // [N] prior weights, or nullptr
   scalar_t *grad_lb, *grad_s;
   acc_t* mask;
   int64_t* yhat;
   acc_t lambda_u, lambda_d, inv_t, tau, inv_b, inv_n;
-  bool gate, t_one, prior_em;
+  bool gate, t_one, prior_em, distill_all;
   std::vector<acc_t> r;  // EM estimator: r_c = exp(du_c) = (Q_c + eps) / (Qa_c + eps), [C]
 
   explicit Kernel(const Args& args) : a(args) {
@@ -501,6 +507,7 @@ struct Kernel {
     labels = a.labels_lb;
     ds = static_cast<const acc_t*>(a.adj_lb);
     du = static_cast<const acc_t*>(a.adj_ulb);
+    weight = static_cast<const acc_t*>(a.prior_weight);
     grad_lb = static_cast<scalar_t*>(a.grad_lb);
     grad_s = static_cast<scalar_t*>(a.grad_ulb_s);
     mask = static_cast<acc_t*>(a.mask);
@@ -514,6 +521,7 @@ struct Kernel {
     inv_b = acc_t(1) / static_cast<acc_t>(B);
     inv_n = acc_t(1) / static_cast<acc_t>(N);
     gate = a.gate;
+    distill_all = a.distill_all;
     prior_em = a.prior_em;
     if (prior_em) {
       r.resize(C);
@@ -522,27 +530,30 @@ struct Kernel {
   }
 
   // Per-worker scratch rows (acc dtype, C each): e, the exps of the row being processed; ew,
-  // exp(w - max w); eq, exp((w - max w) / T); er, ew * r (EM estimator); for bf16/fp16 also
-  // the widened weak and strong/labeled rows.
-  // Also the log terms of the task being processed (RowLogs, up to `task_rows` rows).
+  // exp(w - max w); eq, exp((w - max w) / T); er, ew * r (EM estimator); e2, the second exp
+  // pass of a distill_all row with M = 1 at T != 1; for bf16/fp16 also the widened weak and
+  // strong/labeled rows.
+  // Also the log terms of the task being processed (RowLogs: one per row, two with distill_all).
   struct Scratch {
     std::unique_ptr<acc_t[]> buf;
     std::unique_ptr<int8_t[]> terms;
-    acc_t *e, *ew, *eq, *er, *zin_w, *zin;
+    acc_t *e, *ew, *eq, *er, *e2, *zin_w, *zin;
     RowLogs<acc_t> logs;
   };
 
   Scratch make_scratch(int64_t task_rows) const {
     Scratch s;
-    const int64_t rows = 4 + (kDirect ? 0 : 2);
-    s.buf.reset(new acc_t[rows * C + task_rows]);
-    s.terms.reset(new int8_t[task_rows]);
+    const int64_t rows = 5 + (kDirect ? 0 : 2);
+    const int64_t logs = (distill_all ? 2 : 1) * task_rows;
+    s.buf.reset(new acc_t[rows * C + logs]);
+    s.terms.reset(new int8_t[logs]);
     s.e = s.buf.get();
     s.ew = s.e + C;
     s.eq = s.e + 2 * C;
     s.er = s.e + 3 * C;
-    s.zin_w = kDirect ? nullptr : s.e + 4 * C;
-    s.zin = kDirect ? nullptr : s.e + 5 * C;
+    s.e2 = s.e + 4 * C;
+    s.zin_w = kDirect ? nullptr : s.e + 5 * C;
+    s.zin = kDirect ? nullptr : s.e + 6 * C;
     s.logs.t = s.e + rows * C;
     s.logs.term = s.terms.get();
     return s;
@@ -615,6 +626,9 @@ struct Kernel {
       z = sc.zin;
     }
     const acc_t* no_adj = nullptr;
+    // The row's weight in the batch prior (a row of weight <= 0 is left out: its kp is 0 on the
+    // finite paths, and its NaN is not written on the non-finite one).
+    const bool in_prior = weight == nullptr || weight[i] > acc_t(0);
 
     // ---- weak view: max and pseudo-label, sum of exps -> M = [1 / sum >= tau], pw.
     const ArgMax aw = row_argmax<false>(w, no_adj, C);
@@ -635,7 +649,7 @@ struct Kernel {
       if (k < 0) k = k_w;
       mask[i] = acc_t(0);
       yhat[i] = k;
-      std::fill(prior, prior + C, nan_value<acc_t>());
+      if (in_prior) std::fill(prior, prior + C, nan_value<acc_t>());
       if (gate) {  // q is NaN, so is the distillation row
         fill_row(grow, C, true);
         ld += std::numeric_limits<double>::quiet_NaN();
@@ -655,6 +669,7 @@ struct Kernel {
       kp = acc_t(1) / weighted_exps(sc.ew, sc.er);
       pe = sc.er;
     }
+    if (weight != nullptr) kp = in_prior ? kp * weight[i] : acc_t(0);  // adds +0 when left out
 
     if (!confident && !gate) {  // contributes nothing but its pw
       skipped_row(z, k_w, grow, lu);
@@ -676,12 +691,15 @@ struct Kernel {
     const int64_t k = aa.k;
     const acc_t* qe = sc.ew;  // unnormalised q: pw's exps when T = 1 or M = 1 (unused then)
     acc_t inv_sq = inv_sw;
-    if (!confident && !t_one) {
+    const bool both = confident && gate && distill_all;  // an M = 1 row that also distils
+    if ((!confident || both) && !t_one) {
       const acc_t sq = acc_t(1) + exp_sum<false, true, false, acc_t>(w, no_adj, k_w, inv_t,
                                                                     nullptr, sc.eq, C, nullptr);
       qe = sc.eq;
       inv_sq = acc_t(1) / sq;
     }
+    if (both) return both_row(z, k, k_w, std::isfinite(aa.m), qe, inv_sq, grow, prior, pe, kp, sc,
+                              lu, ld);
     acc_t dot = 0;
     acc_t t = nan_value<acc_t>();
     if (std::isfinite(aa.m)) {
@@ -700,6 +718,55 @@ struct Kernel {
     sc.e[k_w] -= confident ? s : acc_t(0);
     write_grad<true, true>(grow, sc.e, (confident ? cu : cd) / s, qe,
                            confident ? acc_t(0) : cd * inv_sq, prior, pe, kp);
+  }
+
+  // A distill_all row with M = 1 (the gate on): both terms on one strong row a = z + du,
+  //   L_u row = (a_k - a_yhat) + log s,         s  = sum_c exp(d_c)
+  //   L_d row = log s' - (1/T) sum_c q_c d_c,   s' = sum_c exp(d_c / T)
+  //   grad    = (lambda_u (e / s - onehot(yhat)) + lambda_d (e' / s' - q) / T) / N.
+  // T = 1: e' = e and s' = s, one exp pass gives both (gradient k1 e - k2 q with
+  // k1 = (cu + cd) / s and the one-hot folded as e[yhat] -= s cu / (cu + cd)). T != 1: a second
+  // exp pass into e2, the two combined into e before the gradient pass.
+  void both_row(const acc_t* z, int64_t k, int64_t k_w, bool finite_max, const acc_t* qe,
+                acc_t inv_sq, scalar_t* grow, acc_t* prior, const acc_t* pe, acc_t kp,
+                Scratch& sc, double& lu, double& ld) const {
+    acc_t dot = 0, dot2 = 0;
+    acc_t t1 = nan_value<acc_t>(), t2 = nan_value<acc_t>();
+    if (finite_max) {
+      if (t_one) {
+        t1 = t2 = exp_sum<true, false, true, acc_t>(z, du, k, acc_t(1), qe, sc.e, C, &dot);
+        dot2 = dot;
+      } else {
+        t1 = exp_sum<true, false, false, acc_t>(z, du, k, acc_t(1), nullptr, sc.e, C, nullptr);
+        t2 = exp_sum<true, true, true, acc_t>(z, du, k, inv_t, qe, sc.e2, C, &dot2);
+      }
+    }
+    const acc_t s1 = acc_t(1) + t1, s2 = acc_t(1) + t2;
+    if (!valid_sum(s1) || !valid_sum(s2)) {
+      ld += std::numeric_limits<double>::quiet_NaN();
+      return nan_strong_row(grow, prior, pe, kp, lu);
+    }
+    lu += static_cast<double>((z[k] - z[k_w]) + (du[k] - du[k_w]));
+    ld += -static_cast<double>(inv_t * inv_sq * dot2);
+    sc.logs.push(t1, 0);
+    sc.logs.push(t2, 1);
+    const acc_t cu = lambda_u * inv_n, cd = lambda_d * inv_n * inv_t;
+    if (t_one) {
+      const acc_t cs = cu + cd;
+      sc.e[k_w] -= cs > acc_t(0) ? s1 * (cu / cs) : acc_t(0);
+      write_grad<true, true>(grow, sc.e, cs / s1, qe, cd * inv_sq, prior, pe, kp);
+      return;
+    }
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t L = Vec::size();
+    const Vec v1(cu / s1), v2(cd / s2);
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      at::vec::fmadd(Vec::loadu(sc.e2 + c), v2, Vec::loadu(sc.e + c) * v1).store(sc.e + c);
+    }
+    for (; c < C; ++c) sc.e[c] = sc.e2[c] * (cd / s2) + sc.e[c] * (cu / s1);
+    sc.e[k_w] -= cu;
+    write_grad<true, true>(grow, sc.e, acc_t(1), qe, cd * inv_sq, prior, pe, kp);
   }
 
   // EM estimator: er_c = ew_c r_c into `er`, returns sum_c er_c (> 0: the max's ew is 1 and
@@ -804,7 +871,16 @@ struct Kernel {
       if constexpr (kStream) Prim<acc_t>::stream_fence();
     });
 
-    // Batch prior: column-wise sum of the task partials in task order, then / N.
+    // Batch prior: column-wise sum of the task partials in task order, then / N, or with prior
+    // weights / W (W = sum of the positive weights in row order; W = 0 gives 0 * inf = NaN).
+    acc_t inv_w = inv_n;
+    if (weight != nullptr) {
+      double w_sum = 0.0;
+      for (int64_t i = 0; i < N; ++i) {
+        if (weight[i] > acc_t(0)) w_sum += static_cast<double>(weight[i]);
+      }
+      inv_w = acc_t(1) / static_cast<acc_t>(w_sum);
+    }
     acc_t* prior_batch = static_cast<acc_t*>(a.prior_batch);
     const acc_t* part = prior_part.get();
     const int64_t n_u = plan.tasks_ulb;
@@ -812,7 +888,7 @@ struct Kernel {
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       using Vec = Vectorized<acc_t>;
       constexpr int64_t L = Vec::size();
-      const Vec vinv_n(inv_n);
+      const Vec vinv_n(inv_w);
       for (int64_t c = c0; c < c1; c += L) {
         const int64_t n = std::min<int64_t>(L, c1 - c);
         Vec acc = Vec::loadu(part + c, n);

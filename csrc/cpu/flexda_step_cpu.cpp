@@ -31,7 +31,8 @@ Outputs flexda_step_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb
                         int64_t distill_start, double lambda_u, double lambda_d, double eps,
                         bool flexda, double threshold, double prior_momentum, bool update,
                         bool prior_em, const std::optional<at::Tensor>& prior_target,
-                        int64_t alpha_epoch_steps) {
+                        int64_t alpha_epoch_steps,
+                        const std::optional<at::Tensor>& prior_weight, bool distill_all) {
   TORCH_CHECK(prior_momentum >= 0.0 && prior_momentum < 1.0,
               "flexda_step: prior_momentum must lie in [0, 1), got ", prior_momentum);
   TORCH_CHECK(skipped_updates.numel() == 1 && skipped_updates.scalar_type() == at::kLong,
@@ -44,8 +45,21 @@ Outputs flexda_step_cpu(const at::Tensor& logits_lb, const at::Tensor& labels_lb
                         alpha_epoch_steps, acc);
   auto [loss, terms, mask, pseudo_labels, prior_batch, grad_lb, grad_ulb_s] =
       flexda_fwd_cpu(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, adj_lb, adj_ulb, hparams,
-                     threshold);
-  if (update) step_epilogue_cpu(prior_ulb, step, skipped_updates, prior_batch, prior_momentum);
+                     threshold, prior_weight, distill_all);
+  if (update) {
+    // every prior weight 0: the batch has no row to estimate from (checked by the kernel's
+    // wrapper above: a [N] CPU tensor of the acc dtype)
+    bool no_rows = false;
+    if (prior_weight.has_value() && prior_weight->defined()) {
+      no_rows = true;
+      AT_DISPATCH_FLOATING_TYPES(prior_weight->scalar_type(), "flexda_step_cpu", [&] {
+        const at::Tensor w = prior_weight->contiguous();
+        const scalar_t* p = w.const_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < w.numel() && no_rows; ++i) no_rows = !(p[i] > scalar_t(0));
+      });
+    }
+    step_epilogue_cpu(prior_ulb, step, skipped_updates, prior_batch, prior_momentum, no_rows);
+  }
   // The three terms as separate 0-d tensors (an op's outputs may not alias one another).
   std::array<at::Tensor, 3> t;
   AT_DISPATCH_FLOATING_TYPES(acc, "flexda_step_cpu", [&] {

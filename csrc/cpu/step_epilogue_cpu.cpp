@@ -4,6 +4,7 @@
 //   ok   = all(isfinite(prior_batch))
 //   Q_t  = ok ? m * Q_{t-1} + (1 - m) * prior_batch : Q_{t-1}     (a non-finite step is skipped)
 //   skipped_updates += !ok;  step += 1
+// and when `no_rows` (prior weights given, none positive) only step += 1.
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -13,7 +14,7 @@
 namespace adello {
 
 void step_epilogue_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skipped_updates,
-                       const at::Tensor& prior_batch, double momentum) {
+                       const at::Tensor& prior_batch, double momentum, bool no_rows) {
   TORCH_CHECK(prior_ulb.device().is_cpu() && prior_ulb.dim() == 1 && prior_ulb.is_contiguous(),
               "flexda_step: prior_ulb must be a contiguous 1-d CPU tensor");
   TORCH_CHECK(prior_batch.device().is_cpu() && prior_batch.sizes() == prior_ulb.sizes(),
@@ -21,6 +22,10 @@ void step_epilogue_cpu(at::Tensor& prior_ulb, at::Tensor& step, at::Tensor& skip
   TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong &&
                   skipped_updates.numel() == 1 && skipped_updates.scalar_type() == at::kLong,
               "flexda_step: step and skipped_updates must be 0-d int64 tensors");
+  if (no_rows) {
+    step.data_ptr<int64_t>()[0] += 1;
+    return;
+  }
   const at::Tensor pb = prior_batch.contiguous();
   const int64_t c = prior_ulb.numel();
   AT_DISPATCH_FLOATING_TYPES(prior_ulb.scalar_type(), "flexda_step_epilogue", [&] {

@@ -131,7 +131,9 @@ bool same(const Outputs& a, const Outputs& b) {
 }
 
 // Runs one compiled instruction set's kernel directly (bypassing the run-time choice).
-Outputs run_table(const adello::flexda_cpu::KernelTable& table, const Inputs& in, double tau) {
+// `weight` ([N] acc prior weights, or undefined) and `distill_all` as the op's last arguments.
+Outputs run_table(const adello::flexda_cpu::KernelTable& table, const Inputs& in, double tau,
+                  const at::Tensor& weight = at::Tensor(), bool distill_all = false) {
   const int64_t B = in.zl.size(0), N = in.zw.size(0), C = in.zl.size(1);
   const auto acc = in.ds.scalar_type();
   auto opts = in.zl.options().dtype(acc);
@@ -146,6 +148,8 @@ Outputs run_table(const adello::flexda_cpu::KernelTable& table, const Inputs& in
   args.logits_ulb_s = in.zs.const_data_ptr();
   args.adj_lb = in.ds.const_data_ptr();
   args.adj_ulb = in.du.const_data_ptr();
+  args.prior_weight = weight.defined() ? weight.const_data_ptr() : nullptr;
+  args.distill_all = distill_all;
   args.B = B;
   args.N = N;
   args.C = C;
@@ -221,17 +225,22 @@ int main() {
     check(same(one, two), "1 and 2 threads give different results");
   }
 
-  // Every compiled instruction set agrees with the generic build (fp32 and fp64).
-  for (auto dtype : {at::kFloat, at::kDouble}) {
+  // Every compiled instruction set agrees with the generic build (fp32 and fp64; plain, and with
+  // per-row prior weights and distillation on every row).
+  for (int variant = 0; variant < 4; ++variant) {
+    const auto dtype = variant % 2 == 0 ? at::kFloat : at::kDouble;
+    const bool extras = variant >= 2;
     const auto in = make_inputs(40, 90, 131, dtype, 1.0, 2.0, 13, 1.0);  // the EM prior too
-    const auto ref = run_table(adello::flexda_cpu::kernels_generic(), in, tau);
+    const at::Tensor w = extras ? (at::arange(90, in.ds.options()).remainder(3) != 0).to(in.ds.scalar_type())
+                                : at::Tensor();
+    const auto ref = run_table(adello::flexda_cpu::kernels_generic(), in, tau, w, extras);
     const std::string cap = at::get_cpu_capability();
     std::vector<std::pair<std::string, adello::flexda_cpu::KernelTable>> isas;
     if (cap == "AVX2" || cap == "AVX512") isas.emplace_back("avx2", adello::flexda_cpu::kernels_avx2());
     if (cap == "AVX512") isas.emplace_back("avx512", adello::flexda_cpu::kernels_avx512());
     for (auto& [name, table] : isas) {
       if (table.f32 == nullptr) continue;  // not compiled in this build
-      const auto got = run_table(table, in, tau);
+      const auto got = run_table(table, in, tau, w, extras);
       const double tol = dtype == at::kFloat ? 1e-6 : 1e-13;
       check(at::equal(std::get<2>(got), std::get<2>(ref)) && at::equal(std::get<3>(got), std::get<3>(ref)),
             name + ": mask/pseudo-labels differ from the generic build");
