@@ -20,7 +20,8 @@
 // blocks per role, so that a few dozen rows already loop inside warps and blocks) and a small
 // -DADELLO_ADJ_SMEM_BYTES (so that the looped kernel's recompute path runs at small C); registers
 // torch.ops.adello_cuda_emu.{flexda_fwd, flexda_step, scale_grads_} for CPU tensors with the
-// schemas of the adello:: ops.
+// schemas of the adello:: ops (written out, argument names and defaults included, so that a
+// call may leave out the trailing optional arguments as with the real ops).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -131,15 +132,21 @@ void launch(void (*kernel)(P), int grid, int block, size_t smem, const P& params
 #include "../csrc/cuda/flexda_step_cuda.cu"
 
 TORCH_LIBRARY(adello_cuda_emu, m) {
-  m.def("flexda_fwd", &adello::flexda_fwd_cuda);
-  // The schemas of adello_kernels/ops/step.py (the mutable arguments as there).
+  // The schemas of adello_kernels/ops/flexda.py and ops/step.py (the mutable arguments as there).
+  m.def("flexda_fwd(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, "
+        "Tensor logits_ulb_s, Tensor adj_lb, Tensor adj_ulb, Tensor hparams, float threshold, "
+        "Tensor? prior_weight=None, bool distill_all=False) -> (Tensor loss, Tensor terms, "
+        "Tensor mask, "
+        "Tensor pseudo_labels, Tensor prior_batch, Tensor grad_lb, Tensor grad_ulb_s)",
+        &adello::flexda_fwd_cuda);
   m.def("flexda_step(Tensor logits_lb, Tensor labels_lb, Tensor logits_ulb_w, "
         "Tensor logits_ulb_s, Tensor prior_lb, Tensor(a!) prior_ulb, Tensor(b!) step, "
         "Tensor(c!) skipped_updates, Tensor temperature, int total_steps, float alpha_min, "
         "float power, int distill_start, float lambda_u, float lambda_d, float eps, bool flexda, "
         "float threshold, float prior_momentum, bool update, bool prior_em=False, "
-        "Tensor? prior_target=None, int alpha_epoch_steps=1) -> (Tensor loss, "
-        "Tensor loss_sup, Tensor loss_unsup, Tensor loss_distill, Tensor mask, "
+        "Tensor? prior_target=None, int alpha_epoch_steps=1, Tensor? prior_weight=None, "
+        "bool distill_all=False) -> "
+        "(Tensor loss, Tensor loss_sup, Tensor loss_unsup, Tensor loss_distill, Tensor mask, "
         "Tensor pseudo_labels, Tensor prior_batch, Tensor grad_lb, Tensor grad_ulb_s)",
         &adello::flexda_step_cuda);
   m.def("scale_grads_(Tensor(a!) grad_lb, Tensor(b!) grad_ulb_s, Tensor grad_loss) -> ()",

@@ -11,8 +11,9 @@ CPU tests (run in CI):
 - `test_emulated_*`: the same kernel sources compiled for the CPU by tests/cuda_emulator.cpp
   (CUDA threads as OS threads, __syncthreads and shuffles as barriers; loaded by tests/cuda_emu.py),
   every kernel regime of both row kernels against the float64 reference, the step's prologue and
-  epilogue over several steps, bad labels, input layouts, and the scale kernel. This checks the
-  kernels' logic without a GPU.
+  epilogue over several steps, bad labels, input layouts, and the scale kernel; the per-row prior
+  weights (prior_weight) in every tier, raw and EM, zero-weight NaN rows, W = 0 and the step's
+  epilogue with weights. This checks the kernels' logic without a GPU.
 - `test_*_in_a_cuda_build`: where torch is a CUDA build and a CUDA toolkit exists, the built
   extension registers a CUDA kernel for every adello:: op, and for the ones implemented in
   csrc/cuda (CPP_CUDA_OPS) the C++ one, not a Python function. CI runs them in the CUDA venv
@@ -28,6 +29,7 @@ from cuda_emu import emulator_ops
 import adello_kernels as ak
 from adello_kernels import backends
 from adello_kernels.ops import flexda as flexda_ops
+from adello_kernels.ops import step as step_ops
 from adello_kernels.ops.state import momentum_update
 from adello_kernels.reference import (
     accumulate_dtype,
@@ -36,7 +38,14 @@ from adello_kernels.reference import (
     logit_adjustments,
 )
 
-from utils import assert_outputs_close, check_outputs, make_inputs, step_without_host_sync
+from utils import (
+    TOLERANCES,
+    assert_outputs_close,
+    check_outputs,
+    make_inputs,
+    reference_outputs,
+    step_without_host_sync,
+)
 
 
 def _cuda_kernel_built() -> bool:
@@ -989,3 +998,469 @@ def test_cuda_kernel_is_the_cpp_one_in_a_cuda_build(op):
     where = line.split("registered at", 1)[-1].split("::", 1)[0].strip()
     assert "csrc/cuda/" in where and ".py" not in where, f"{op}: CUDA kernel from {where}"
     assert "unboxed" in line, f"{op}: CUDA kernel is not a C++ function: {line}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-row prior weights (prior_weight, the released lb_in_ulb_mask) in the CUDA kernels, emulated:
+# the weighted batch prior in every row tier (warp/4, /8, /16, the pair of warps, the blocks of
+# 128/256/512, the looped kernel; fp64's warp and looped tiers), raw and EM, against the float64
+# reference; the rows a zero weight must keep out of the prior (NaN weak rows); W = 0; the step
+# op's epilogue with weights.
+# ------------------------------------------------------------------------------------------------
+
+def prior_weights(n, kind, dtype, seed=0):
+    """[N] prior weights in the accumulate dtype of `dtype` logits. "binary": random 0/1 (row 0,
+    the first row of the first block, weighs 0; the last row 1); "positive": random in [0.05,
+    2.05); "mixed": random in [0, 3) with about a third exact zeros, half of them -0.0."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    if kind == "binary":
+        w = (torch.rand(n, generator=gen) < 0.6).double()
+        w[0], w[-1] = 0.0, 1.0
+    elif kind == "positive":
+        w = torch.rand(n, generator=gen, dtype=torch.float64) * 2 + 0.05
+    elif kind == "mixed":
+        w = torch.rand(n, generator=gen, dtype=torch.float64) * 3
+        zero = torch.rand(n, generator=gen) < 1 / 3
+        zero[0] = True
+        w[zero] = 0.0
+        w[zero & (torch.arange(n) % 2 == 1)] = -0.0
+    else:
+        raise KeyError(kind)
+    return w.to(accumulate_dtype(dtype))
+
+
+def assert_same_bits(got, want, what, skip=()):
+    """Every output but those in `skip` identical to `want`'s (NaN where it has NaN)."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        if i not in skip:
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m, i=i: f"{what}: output {i}: {m}")
+
+
+def _schema_parts(schema: str) -> tuple[list[str], str]:
+    """(argument declarations, returns) of "name(args) -> (returns)" as written by torch (no
+    argument type of these ops contains a comma)."""
+    args, returns = schema[schema.index("(") + 1:].split(") -> ", 1)
+    return args.split(", "), returns
+
+
+def test_emulated_schema_drifts_from_the_ops():
+    """The emulator's schemas are exactly the adello:: ones (names, types, defaults, mutability,
+    returns; the trailing Tensor? prior_weight=None, bool distill_all=False included), so that
+    tests call it as the real ops are called."""
+    ops = emulator_ops()
+    for name, schema in (("flexda_fwd", flexda_ops.SCHEMA), ("flexda_step", step_ops.SCHEMA)):
+        got, got_ret = _schema_parts(str(getattr(ops, name).default._schema))
+        want, want_ret = _schema_parts(str(torch._C.parse_schema(f"adello::{name}{schema}")))
+        assert got_ret == want_ret, f"{name}: returns {got_ret} vs {want_ret}"
+        assert got == want, f"{name}: {got} vs {want}"
+        assert got[-1] == "bool distill_all=False", f"{name}: ends with {got[-1]}"
+
+
+# (C, dtype, B, N, mode, prior_em, weights): every row tier, raw and EM, each weight kind
+WEIGHT_CASES = [
+    (10, torch.float32, 5, 21, "distill-T1", False, "binary"),        # warp/4, rows loop
+    (127, torch.float16, 9, 40, "distill-T0.6", True, "positive"),    # warp/4, odd rows
+    (200, torch.bfloat16, 7, 30, "nodistill-T2.5", False, "mixed"),   # warp/8
+    (500, torch.bfloat16, 9, 33, "distill-T0.6", True, "binary"),     # warp/16
+    (1000, torch.float32, 6, 18, "distill-T0.6", False, "positive"),  # pair of warps
+    (777, torch.float16, 5, 11, "distill-T1", True, "mixed"),         # pair of warps, odd C
+    (2000, torch.float16, 3, 9, "distill-T1", False, "binary"),       # block of 128
+    (3000, torch.float32, 3, 9, "distill-T0.6", True, "positive"),    # block of 256
+    (4097, torch.bfloat16, 3, 9, "nodistill-T2.5", False, "mixed"),   # block of 512
+    (9000, torch.float32, 3, 9, "distill-T0.6", False, "binary"),     # looped
+    (9000, torch.float32, 2, 5, "distill-T1", True, "mixed"),         # looped, EM
+    (10, torch.float64, 5, 40, "distill-T0.6", True, "binary"),       # fp64 warp/4
+    (300, torch.float64, 5, 30, "nodistill-T2.5", False, "positive"), # fp64 warp/16
+    (600, torch.float64, 3, 9, "distill-T0.6", True, "mixed"),        # fp64 looped, EM
+    (600, torch.float64, 3, 9, "distill-T1", False, "binary"),        # fp64 looped
+]
+WEIGHT_IDS = [f"C{c}-{str(d)[6:]}-{m}-{'em' if e else 'raw'}-{k}"
+              for c, d, _, _, m, e, k in WEIGHT_CASES]
+
+
+@pytest.mark.parametrize("c,dtype,b,n,mode,prior_em,kind", WEIGHT_CASES, ids=WEIGHT_IDS)
+def test_emulated_prior_weight_ignored_or_misapplied_in_a_tier(c, dtype, b, n, mode, prior_em,
+                                                               kind):
+    """prior_batch = sum_{w_i > 0} w_i p_i / W in this tier, against the float64 reference (which
+    differs from the unweighted prior here, so ignored weights fail); every other output keeps
+    the unweighted run's bits (the weights reach nothing but the prior); weights of all 1 give
+    the unweighted bits everywhere (the weighted path adds no rounding of its own: w_i = 1 folds
+    into the row scale exactly and W = N)."""
+    args = cpu_case(b, n, c, dtype, mode, seed=c + 11, prior_em=prior_em)
+    w = prior_weights(n, kind, dtype, seed=c)
+    want = reference_outputs(args + [w])
+    plain_want = reference(*args)
+    assert float((want[4] - plain_want[4]).abs().max()) > 100 * TOLERANCES[dtype].prior_tol
+    got = emulated_op()(*args, w)
+    what = f"weighted C={c} {dtype} {mode} em={prior_em} {kind}"
+    check_outputs(got, args, what=what, want=want)
+    plain = emulated_op()(*args)
+    assert_same_bits(got, plain, what, skip=(4,))
+    assert_same_bits(emulated_op()(*args, torch.ones_like(w)), plain, what + " (all ones)")
+
+
+def after_poison(args, weight):
+    """The emulated flexda_fwd(*args, weight) right after a call whose weak logits are all NaN,
+    which leaves NaN partials behind in freed memory of the workspace's size (a partial row the
+    weighted call failed to write would show up as NaN)."""
+    poisoned = list(args)
+    poisoned[2] = torch.full_like(args[2], float("nan"))
+    assert bool(torch.isnan(emulated_op()(*poisoned)[4]).all())
+    return emulated_op()(*args, weight)
+
+
+def test_emulated_prior_weight_stale_partial_or_stride_in_zero_weight_blocks():
+    """A strided weight vector reads the same weights as a contiguous one (bits), and in the
+    looped kernel (fp64 at C = 600; one row per block, the grid capped at 4 blocks) a block whose
+    rows all weigh 0 still writes its partial (zeros) and a block whose first row weighs 0 starts
+    its partial at its first weighted row, not at stale workspace; the same weights in the
+    pair-of-warps tier."""
+    for c, dtype in ((600, torch.float64), (1000, torch.float32)):
+        args = cpu_case(2, 6, c, dtype, "distill-T0.6", seed=c + 3)
+        w = prior_weights(6, "positive", dtype, seed=c)
+        w[torch.tensor([0, 1, 5])] = 0.0   # block 0: rows 0, 4 (the first weighs 0); block 1: 1, 5
+        got = after_poison(args, w)
+        check_outputs(got, args, what=f"zero blocks C={c}", want=reference_outputs(args + [w]))
+        buf = torch.zeros(2 * 6, dtype=w.dtype)
+        buf[::2] = w
+        assert_same_bits(after_poison(args, buf[::2]), got, f"strided weights C={c}")
+
+
+# (C, dtype): the NaN-row cases, one per tier family: warp, pair, block, looped (fp32 and fp64)
+NAN_WEIGHT_CASES = [(127, torch.float32), (1000, torch.bfloat16), (3000, torch.float32),
+                    (9000, torch.float32), (10, torch.float64), (600, torch.float64)]
+
+
+@pytest.mark.parametrize("prior_em", [False, True], ids=["raw", "em"])
+@pytest.mark.parametrize("c,dtype", NAN_WEIGHT_CASES, ids=[f"C{c}-{str(d)[6:]}"
+                                                           for c, d in NAN_WEIGHT_CASES])
+def test_emulated_zero_weight_nan_weak_row_leaks_into_prior(c, dtype, prior_em):
+    """A weak row with a NaN logit (and one with +inf) at weight 0 adds nothing to the prior: it
+    stays finite and matches the reference (not 0 * NaN); the same NaN row at weight 1 makes
+    every prior entry NaN. The other outputs (NaN rows included) are the unweighted run's."""
+    args = cpu_case(3, 9, c, dtype, "distill-T0.6", seed=2, prior_em=prior_em)
+    args[2] = args[2].clone()
+    args[2][4, c // 3] = float("nan")
+    args[2][6, c // 2] = float("inf")
+    w = prior_weights(9, "positive", dtype, seed=c)
+    w[4] = w[6] = 0.0
+    plain = emulated_op()(*args)
+    got = emulated_op()(*args, w)
+    want = reference_outputs(args + [w])
+    assert bool(torch.isfinite(want[4]).all())
+    assert bool(torch.isfinite(got[4]).all()), "a zero-weight NaN row reached prior_batch"
+    p_err = float((got[4].double() - want[4]).abs().max())
+    assert p_err <= TOLERANCES[dtype].prior_tol, f"prior_batch err {p_err:.3g}"
+    assert_same_bits(got, plain, f"NaN row C={c}", skip=(4,))
+    w[4] = 1.0
+    got = emulated_op()(*args, w)
+    assert bool(torch.isnan(reference_outputs(args + [w])[4]).all())
+    assert bool(torch.isnan(got[4]).all()), "a weighted NaN row left prior_batch entries finite"
+    assert_same_bits(got, plain, f"NaN row C={c}", skip=(4,))
+
+
+ZERO_WEIGHT_CASES = [(10, torch.float32), (1000, torch.bfloat16), (2000, torch.float16),
+                     (9000, torch.float32), (10, torch.float64)]
+# the step epilogue does not depend on the tier: one register tier each of fp32, 16-bit, fp64
+ZERO_WEIGHT_STEP_CASES = [(10, torch.float32), (1000, torch.bfloat16), (600, torch.float64)]
+
+
+@pytest.mark.parametrize("c,dtype", ZERO_WEIGHT_CASES,
+                         ids=[f"C{c}-{str(d)[6:]}" for c, d in ZERO_WEIGHT_CASES])
+def test_emulated_all_zero_weights_prior_not_nan(c, dtype):
+    """W = 0: prior_batch is all NaN (no estimate, not 0 / 0 in some entries and 0 in others),
+    in raw and EM mode; the other outputs are the unweighted run's."""
+    for prior_em in (False, True):
+        args = cpu_case(3, 9, c, dtype, "distill-T1", seed=c + 4, prior_em=prior_em)
+        w = torch.zeros(9, dtype=accumulate_dtype(dtype))
+        got = emulated_op()(*args, w)
+        assert bool(torch.isnan(reference_outputs(args + [w])[4]).all())
+        assert bool(torch.isnan(got[4]).all()), f"C={c} em={prior_em}: W = 0 prior not NaN"
+        assert_same_bits(got, emulated_op()(*args), f"W = 0 C={c}", skip=(4,))
+
+
+def weighted_step(op, logits, prior_lb, state, w, **kw):
+    """One step-op call with prior weights `w`; returns (outputs, the flexda_fwd arguments the
+    step stands for, the weighted reference outputs, (Q, step, skipped) on entry)."""
+    entry = (state["prior_ulb"].clone(), int(state["step"]), int(state["skipped"]))
+    args = step_args(logits, prior_lb, state, **kw)
+    out = op(*args, None, 1, w)
+    fwd = step_fwd_equivalent(args, entry[0], entry[1])
+    return out, fwd, reference_outputs(fwd + [w]), entry
+
+
+@pytest.mark.parametrize("c,dtype", ZERO_WEIGHT_STEP_CASES,
+                         ids=[f"C{c}-{str(d)[6:]}" for c, d in ZERO_WEIGHT_STEP_CASES])
+def test_emulated_step_all_zero_weights_update_q_or_count_a_skip(c, dtype):
+    """flexda_step with every weight 0: prior_batch NaN, Q unchanged (bits), skipped_updates
+    unchanged, step + 1; with update=False nothing changes."""
+    op = emulator_ops().flexda_step
+    z_l, y, z_w, z_s, p_l, q = make_inputs(3, 9, c, dtype=dtype, seed=c + 6)
+    w = torch.zeros(9, dtype=accumulate_dtype(dtype))
+    for update, prior_em in ((True, False), (True, True), (False, False)):
+        state = make_state(q, step=2, skipped=1, temperature=0.8)
+        out, _, want, (q0, t0, k0) = weighted_step(op, (z_l, y, z_w, z_s), p_l, state, w,
+                                                   update=update, prior_em=prior_em)
+        assert bool(torch.isnan(want[4]).all()) and bool(torch.isnan(out[6]).all())
+        assert torch.equal(state["prior_ulb"], q0), "W = 0 changed Q"
+        assert int(state["skipped"]) == k0, "W = 0 counted a skipped update"
+        assert int(state["step"]) == t0 + (1 if update else 0)
+
+
+# (C, dtype, B, N, prior_em): the step op over several weighted steps, one case per tier family,
+# the looped kernel with each adjustment in shared memory (fp64 600) and recomputed (9000: past
+# the emulator's 16 KB ADELLO_ADJ_SMEM_BYTES)
+WEIGHT_STEP_CASES = [
+    (10, torch.float32, 5, 21, False),      # warp/4
+    (200, torch.bfloat16, 7, 30, True),     # warp/8
+    (1000, torch.float32, 6, 18, False),    # pair of warps
+    (2000, torch.float16, 3, 9, True),      # block of 128
+    (9000, torch.float32, 2, 5, False),     # looped, recomputed
+    (10, torch.float64, 5, 21, True),       # fp64 warp/4
+    (600, torch.float64, 3, 9, True),       # fp64 looped, shared memory
+]
+
+
+@pytest.mark.parametrize("c,dtype,b,n,prior_em", WEIGHT_STEP_CASES,
+                         ids=[f"C{c}-{str(d)[6:]}-{'em' if e else 'raw'}"
+                              for c, d, _, _, e in WEIGHT_STEP_CASES])
+def test_emulated_step_prior_weight_update_wrong_over_steps(c, dtype, b, n, prior_em):
+    """Four steps with the state carried over: binary weights (every output against the weighted
+    reference, Q <- m Q + (1 - m) prior_batch); positive weights with a NaN weak row of weight 0
+    (prior finite and as the reference, Q updated); the NaN row at weight 1 (Q kept, counted as
+    skipped); all weights 0 (Q kept, nothing counted). step advances every time."""
+    op = emulator_ops().flexda_step
+    acc = accumulate_dtype(dtype)
+    first = make_inputs(b, n, c, dtype=dtype, seed=c + 8)
+    prior_lb = first[4]
+    state = make_state(first[5], temperature=0.7)
+    kw = dict(total_steps=5, distill_start=1, prior_em=prior_em)
+    for k in range(4):
+        logits = list(make_inputs(b, n, c, dtype=dtype, seed=c + 9 + k)[:4])
+        w = prior_weights(n, "binary" if k == 0 else "positive", dtype, seed=c + k)
+        if k in (1, 2):
+            logits[2] = logits[2].clone()
+            logits[2][n // 2, c // 2] = float("nan")
+            w[n // 2] = 0.0 if k == 1 else 1.0
+        if k == 3:
+            w = torch.zeros(n, dtype=acc)
+        out, fwd, want, (q0, t0, k0) = weighted_step(op, logits, prior_lb, state, w, **kw)
+        what = f"weighted step {k} C={c} {dtype}"
+        prior = out[6]
+        if k == 0:
+            check_outputs(as_fwd_outputs(out), fwd, what=what, want=want)
+        elif k == 1:
+            assert bool(torch.isfinite(prior).all()), f"{what}: zero-weight NaN row in the prior"
+            p_err = float((prior.double() - want[4]).abs().max())
+            assert p_err <= TOLERANCES[dtype].prior_tol, f"{what}: prior_batch err {p_err:.3g}"
+        else:
+            assert bool(torch.isnan(prior).all()), f"{what}: prior_batch not all NaN"
+        if k <= 1:
+            want_q, ok = momentum_update(q0, prior, STEP_DEFAULTS["prior_momentum"])
+            assert bool(ok)
+            assert torch.equal(state["prior_ulb"], want_q), f"{what}: prior update differs"
+            assert not torch.equal(state["prior_ulb"], q0)
+        else:
+            assert torch.equal(state["prior_ulb"], q0), f"{what}: Q changed"
+        assert int(state["skipped"]) == k0 + (1 if k == 2 else 0), f"{what}: skipped count"
+        assert int(state["step"]) == t0 + 1, f"{what}: step not advanced"
+    assert int(state["step"]) == 4 and int(state["skipped"]) == 1
+
+
+def test_emulated_step_prior_weight_diverges_from_fwd():
+    """flexda_step(prior_weight=w) = its prologue + flexda_fwd(prior_weight=w): the same weighted
+    rows and reduce, so the outputs agree to the last few ulp."""
+    ops = emulator_ops()
+    z_l, y, z_w, z_s, p_l, q = make_inputs(6, 22, 64, seed=19)
+    w = prior_weights(22, "mixed", torch.float32, seed=5)
+    for prior_em in (False, True):
+        state = make_state(q, step=7, temperature=0.9)
+        args = step_args((z_l, y, z_w, z_s), p_l, state, update=False, distill_start=3,
+                         prior_em=prior_em)
+        got = as_fwd_outputs(ops.flexda_step(*args, None, 1, w))
+        alpha = alpha_schedule(7, args[9], args[10], args[11])
+        ds, du = logit_adjustments(p_l, q, alpha, args[15], dtype=torch.float64)
+        hp = hparams_tensor(args[13], args[14], True, 0.9, torch.float32, prior_em=prior_em)
+        want = ops.flexda_fwd(z_l, y, z_w, z_s, ds.float(), du.float(), hp, args[17], w)
+        for i, (g, x) in enumerate(zip(got, want)):
+            assert torch.allclose(g.double(), x.double(), rtol=1e-6, atol=1e-7), f"output {i}"
+
+
+def test_emulated_prior_weight_bad_input_accepted():
+    """Shape, dtype (the accumulate dtype) and device of prior_weight are checked by both ops."""
+    ops = emulator_ops()
+    args = cpu_case(3, 9, 10, torch.float32, "distill-T1")
+    with pytest.raises(ValueError, match="prior_weight must have shape"):
+        ops.flexda_fwd(*args, torch.ones(8))
+    with pytest.raises(ValueError, match="prior_weight must be"):
+        ops.flexda_fwd(*args, torch.ones(9, dtype=torch.float64))
+    z_l, y, z_w, z_s, p_l, q = make_inputs(3, 9, 10, seed=1)
+    state = make_state(q)
+    with pytest.raises(ValueError, match="prior_weight must have shape"):
+        ops.flexda_step(*step_args((z_l, y, z_w, z_s), p_l, state), None, 1, torch.ones(9, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# distill_all (the trailing bool of both ops): with the gate on every row distils, an M = 1 row
+# has both terms (compile-time DALL in the row kernels; T = 1 shares one exp pass)
+# ------------------------------------------------------------------------------------------------
+
+# (C, dtype, B, N, mode, prior_em): every unlabeled-row tier, T = 1 and T != 1, fp32/fp64/16-bit
+DALL_CASES = [
+    (1, torch.float32, 5, 9, "distill-T0.6", False),       # warp/4, a single class (all M = 1)
+    (10, torch.float32, 5, 21, "distill-T1", False),       # warp/4, rows loop
+    (127, torch.bfloat16, 9, 40, "distill-T0.6", True),    # warp/4, odd rows, EM
+    (200, torch.float32, 7, 30, "distill-T1", False),      # warp/8
+    (500, torch.bfloat16, 9, 33, "distill-T0.6", False),   # warp/16
+    (1000, torch.float32, 6, 18, "distill-T0.6", False),   # pair of warps
+    (777, torch.float16, 5, 11, "distill-T1", True),       # pair of warps, odd C, EM
+    (2000, torch.bfloat16, 3, 9, "distill-T1", False),     # block of 128
+    (3000, torch.float32, 3, 9, "distill-T0.6", False),    # block of 256
+    (4097, torch.bfloat16, 3, 9, "distill-T0.6", True),    # block of 512, EM
+    (9000, torch.float32, 3, 9, "distill-T0.6", False),    # looped, two exp scales
+    (9000, torch.bfloat16, 2, 5, "distill-T1", True),      # looped, one exp pass, EM
+    (10, torch.float64, 5, 40, "distill-T0.6", False),     # fp64 warp/4
+    (300, torch.float64, 5, 30, "distill-T1", True),       # fp64 warp/16
+    (600, torch.float64, 3, 9, "distill-T0.6", False),     # fp64 looped
+    (600, torch.float64, 3, 9, "distill-T1", False),       # fp64 looped, one exp pass
+]
+DALL_IDS = [f"C{c}-{str(d)[6:]}-{m}-{'em' if e else 'raw'}" for c, d, _, _, m, e in DALL_CASES]
+
+
+def confident_rows(args):
+    """[N] bool: the weak rows over the threshold (by the reference's decision)."""
+    return reference_outputs(args)[2] > 0.5
+
+
+@pytest.mark.parametrize("c,dtype,b,n,mode,prior_em", DALL_CASES, ids=DALL_IDS)
+def test_emulated_distill_all_in_a_tier(c, dtype, b, n, mode, prior_em):
+    """distill_all against the float64 reference (which differs from distill_all=False here:
+    the M = 1 rows distil too); the labeled loss and gradient, mask, pseudo-labels and batch prior
+    keep the distill_all=False bits; with the gate off distill_all changes no bit."""
+    args = cpu_case(b, n, c, dtype, mode, seed=c + 21, prior_em=prior_em)
+    m = confident_rows(args)
+    assert bool(m.any()), "no confident row: the both-terms path is not exercised"
+    want = reference_outputs(args + [None, True])
+    if c > 1:  # (one class: H = 0 on every row)
+        assert float(want[1][2]) != float(reference(*args)[1][2])
+    got = emulated_op()(*args, None, True)
+    what = f"distill_all C={c} {dtype} {mode} em={prior_em}"
+    check_outputs(got, args + [None, True], what=what, want=want)
+    off = with_gate(args, False)
+    if rerouted_by_distill_all(c, dtype):
+        # another tier (the looped kernel) than distill_all=False: the same values, other bits
+        check_outputs(emulated_op()(*off, None, True), off, what=what + " (gate off)")
+        return
+    plain = emulated_op()(*args)
+    for i in (2, 3, 4, 5):
+        assert torch.equal(got[i], plain[i]), f"{what}: output {i} depends on distill_all"
+    assert torch.equal(got[1][:2], plain[1][:2]), f"{what}: L_s or L_u depends on distill_all"
+    assert_same_bits(emulated_op()(*off, None, True), emulated_op()(*off), what + " (gate off)")
+
+
+def rerouted_by_distill_all(c, dtype):
+    """The class counts whose tier distill_all changes to the looped kernel (choose_config:
+    block/512 and fp64 warp/16 would spill with both terms)."""
+    return 128 < c <= 512 if dtype == torch.float64 else 4096 < c <= 8192
+
+
+def with_gate(args, on):
+    out = list(args)
+    out[6] = args[6].clone()
+    out[6][flexda_ops.HP_GATE] = float(on)
+    return out
+
+
+@pytest.mark.parametrize("c,dtype,mode", [(10, torch.float32, "distill-T1"),
+                                          (1000, torch.bfloat16, "distill-T0.6"),
+                                          (3000, torch.float32, "distill-T1"),
+                                          (9000, torch.float32, "distill-T0.6"),
+                                          (600, torch.float64, "distill-T1")])
+def test_emulated_distill_all_every_row_confident(c, dtype, mode):
+    """Every row over the threshold: with distill_all every row has both terms (L_d over all
+    rows), against the reference; without it L_d is 0."""
+    args = cpu_case(3, 9, c, dtype, mode, seed=c + 5)
+    args[7] = 0.0  # threshold 0: M = 1 everywhere
+    got = emulated_op()(*args, None, True)
+    want = reference_outputs(args + [None, True])
+    assert bool((want[2] == 1).all()) and float(want[1][2]) > 0
+    check_outputs(got, args + [None, True], what=f"all confident C={c}", want=want)
+    assert float(emulated_op()(*args)[1][2]) == 0.0
+
+
+@pytest.mark.parametrize("c,dtype,mode", [(127, torch.float32, "distill-T0.6"),
+                                          (1000, torch.bfloat16, "distill-T1"),
+                                          (3000, torch.float32, "distill-T0.6"),
+                                          (9000, torch.float32, "distill-T0.6"),
+                                          (9000, torch.float32, "distill-T1"),
+                                          (10, torch.float64, "distill-T1"),
+                                          (600, torch.float64, "distill-T0.6")])
+def test_emulated_distill_all_nan_strong_row_of_a_confident_row(c, dtype, mode):
+    """A NaN strong logit on an M = 1 row: L_u and L_d NaN, that gradient row all NaN; every other
+    gradient row, the mask, pseudo-labels and prior as without the NaN."""
+    args = cpu_case(3, 9, c, dtype, mode, seed=c + 7)
+    args[7] = 0.0
+    clean = emulated_op()(*args, None, True)
+    args[3] = args[3].clone()
+    args[3][4, c // 3] = float("nan")
+    want = reference_outputs(args + [None, True])
+    assert bool(torch.isnan(want[1][1:]).all()) and bool(torch.isnan(want[6][4]).all())
+    got = emulated_op()(*args, None, True)
+    assert bool(torch.isnan(got[1][1:]).all()) and bool(torch.isnan(got[0]))
+    assert bool(torch.isnan(got[6][4]).all()), "the NaN row's gradient is not all NaN"
+    keep = torch.arange(9) != 4
+    assert torch.equal(got[6][keep], clean[6][keep])
+    for i in (2, 3, 4, 5):
+        assert torch.equal(got[i], clean[i]), f"output {i}"
+
+
+@pytest.mark.parametrize("c,dtype,kind", [(10, torch.float32, "mixed"),
+                                          (1000, torch.float32, "binary"),
+                                          (2000, torch.bfloat16, "positive"),
+                                          (9000, torch.float32, "mixed"),
+                                          (600, torch.float64, "binary")])
+def test_emulated_distill_all_with_prior_weights(c, dtype, kind):
+    """distill_all with prior weights: against the reference; the weights reach only the prior
+    (every other output as the unweighted distill_all call)."""
+    args = cpu_case(3, 9, c, dtype, "distill-T0.6", seed=c + 9)
+    w = prior_weights(9, kind, dtype, seed=c)
+    got = emulated_op()(*args, w, True)
+    check_outputs(got, args + [w, True], what=f"distill_all weighted C={c}",
+                  want=reference_outputs(args + [w, True]))
+    assert_same_bits(got, emulated_op()(*args, None, True), f"weighted C={c}", skip=(4,))
+
+
+@pytest.mark.parametrize("c,dtype,b,n,temperature", [(10, torch.float32, 5, 21, 1.0),
+                                                     (200, torch.bfloat16, 7, 30, 0.6),
+                                                     (1000, torch.float32, 6, 18, 0.7),
+                                                     (9000, torch.float32, 2, 5, 0.6),
+                                                     (600, torch.float64, 3, 9, 1.0)])
+def test_emulated_step_distill_all_over_steps(c, dtype, b, n, temperature):
+    """flexda_step(distill_all=True) over three steps with the state carried over (the gate on
+    from step 1): every output against the reference of the step's flexda_fwd equivalent with
+    distill_all, the prior update as momentum_update of the kernel's prior; before the gate the
+    bits of distill_all=False."""
+    op = emulator_ops().flexda_step
+    first = make_inputs(b, n, c, dtype=dtype, seed=c + 30)
+    prior_lb = first[4]
+    state = make_state(first[5], temperature=temperature)
+    twin = make_state(first[5], temperature=temperature)
+    kw = dict(total_steps=5, distill_start=1, threshold=0.5)
+    for k in range(3):
+        logits = list(make_inputs(b, n, c, dtype=dtype, seed=c + 31 + k)[:4])
+        q0, t0 = state["prior_ulb"].clone(), int(state["step"])
+        args = step_args(logits, prior_lb, state, **kw)
+        out = op(*args, None, 1, None, True)
+        fwd = step_fwd_equivalent(args, q0, t0)
+        what = f"distill_all step {k} C={c} {dtype}"
+        check_outputs(as_fwd_outputs(out), fwd + [None, True], what=what,
+                      want=reference_outputs(fwd + [None, True]))
+        plain = op(*step_args(logits, prior_lb, twin, **kw))
+        if k == 0:
+            assert_same_bits(out, plain, what + " (gate off)")
+        else:
+            assert float(out[3]) != float(plain[3])
+        want_q, ok = momentum_update(q0, out[6], STEP_DEFAULTS["prior_momentum"])
+        assert bool(ok) and torch.equal(state["prior_ulb"], want_q), f"{what}: prior update"
+        assert int(state["step"]) == t0 + 1

@@ -1,6 +1,7 @@
 // adello::flexda_fwd for the CUDA dispatch key: the fused rows and the deterministic reduce
 // (csrc/cuda/flexda_kernels.cuh), with the adjustments and hyperparameters given as tensors
-// (hparams, csrc/adello_hparams.h, is read on the device, prior_em included: no host sync).
+// (hparams, csrc/adello_hparams.h, is read on the device, prior_em included: no host sync),
+// and the optional [N] prior weights of the batch prior (prior_weight, read on the device).
 // The op's contract: adello_kernels/ops/flexda.py.
 #include "flexda_kernels.cuh"
 
@@ -22,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 flexda_fwd_cuda(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
                 const at::Tensor& logits_ulb_w, const at::Tensor& logits_ulb_s,
                 const at::Tensor& adj_lb, const at::Tensor& adj_ulb, const at::Tensor& hparams,
-                double threshold) {
+                double threshold, const std::optional<at::Tensor>& prior_weight,
+                bool distill_all) {
   constexpr const char* kOp = "adello::flexda_fwd";
 #ifndef ADELLO_CUDA_EMULATION
   TORCH_CHECK_VALUE(logits_lb.is_cuda(), kOp, ": logits_lb must be a CUDA tensor");
@@ -36,9 +38,10 @@ flexda_fwd_cuda(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
   check_vector(adj_lb, "adj_lb", C, acc, logits_lb);
   check_vector(adj_ulb, "adj_ulb", C, acc, logits_lb);
   check_vector(hparams, "hparams", kNumHParams, acc, logits_lb);
+  const at::Tensor* weight = prior_weight_arg(kOp, prior_weight, logits_ulb_w, acc);
   FlexdaOutputs o = flexda_launch<false>(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s,
                                          &adj_lb, &adj_ulb, &hparams, StepArgs{}, threshold,
-                                         stream);
+                                         weight, distill_all, stream);
   return {o.loss, o.terms[0], o.mask, o.pseudo, o.prior, o.grad_lb, o.grad_s};
 }
 

@@ -62,6 +62,17 @@
 // NaN as in raw mode. With flexda off du = 0 and r = 1, so em forms the raw sums (the emulator
 // test checks that em then gives the raw bits). Raw mode's arithmetic is unchanged.
 //
+// Prior weights (the optional [N] prior_weight of both ops; FlexdaParams::weight, nullptr when
+// absent, and then every sum is formed exactly as without the feature, to the bit): each
+// unlabeled row loads its weight w_i once (every thread of the row's group, one broadcast
+// address) and folds it into the per-row scale of its prior contribution (kp = inv_sw * w_i raw,
+// inv_se * w_i EM), so the per-element work is unchanged. A row with !(w_i > 0) adds nothing
+// at all to the partial (not 0 * p_i: a NaN weak row's NaN must not reach the prior) and
+// nothing to the block's weight sum wsum[block] (rows in loop order, groups in group order).
+// The finalize kernel sums wsum in one fixed order in every block: W; prior_batch = (sum of
+// partials) / W, all NaN when W == 0, and the step epilogue then leaves Q and skipped_updates
+// alone (step += 1). The losses, mask, pseudo-labels and gradients never read the weight.
+//
 // Numerics: every quantity is accumulated in acc_t (fp32 for fp32/bf16/fp16 logits, fp64 for fp64);
 // gradients are rounded once to the logits' dtype on store. expf/logf, not __expf/__logf:
 // __expf(x) = ex2.approx(x * log2e) errs by up to 2 + floor(1.17|x|) ulp, i.e. ~3.6e-7 relative
@@ -113,6 +124,7 @@ using AdelloStream = cudaStream_t;
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -211,12 +223,16 @@ struct FlexdaParams {
   acc_t* loss_u;                                  // [G_u] per-block sums of M * CE
   acc_t* loss_d;                                  // [G_u] per-block sums of (1 - M) * H
   acc_t* finite;                                  // [G_u] 1 when the block's partial is finite
+  const acc_t* weight;  int64_t weight_s;         // [N] prior weights, or nullptr (all 1)
+  acc_t* wsum;                                    // [G_u] per-block sums of the weights > 0
 };
 
 template <typename acc_t>
 struct FinalizeParams {
   const acc_t* partial; const acc_t* loss_l; const acc_t* loss_u; const acc_t* loss_d;
   const acc_t* finite;
+  const acc_t* wsum;  // [G_u] per-block weight sums, read only when `weighted`
+  bool weighted;      // prior weights given: prior_batch = partial sums / W (W = sum of wsum)
   const acc_t* hp; int64_t hp_s;
   StepArgs st;
   int G_u, G_l, C;
@@ -298,15 +314,18 @@ __device__ __forceinline__ acc_t step_adjustment(const StepArgs& s, bool labeled
 template <typename T>
 __device__ __forceinline__ T shfl_xor_any(T v, int offset);
 
-// Fixed-order block sum of one double per thread: butterfly within each warp (both lanes of a
-// pair hold the same bits after every level), then the warps' values in warp order.
-__device__ __forceinline__ double block_sum_double(double v, double* buf /* [32], shared */) {
+// Fixed-order block sum of one value per thread (double in the prologue, acc_t for the prior
+// weights in the finalize kernel): butterfly within each warp (both lanes of a pair hold the
+// same bits after every level), then the warps' values in warp order. Every thread gets the sum;
+// every block of a launch that calls it with the same values gets the same bits.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* buf /* [32], shared */) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += shfl_xor_any(v, o);
   __syncthreads();
   if (threadIdx.x % 32 == 0) buf[threadIdx.x / 32] = v;
   __syncthreads();
-  double s = buf[0];
+  A s = buf[0];
   const int warps = static_cast<int>(blockDim.x / 32);
   for (int w = 1; w < warps; ++w) s += buf[w];
   return s;
@@ -326,7 +345,7 @@ __device__ __forceinline__ const acc_t* step_prologue(const StepArgs& s, bool la
     for (int c = threadIdx.x; c < C; c += blockDim.x)
       part += pow(load_as_double(s.prior_target, s.prior_target_kind, c * s.prior_target_s),
                   alpha);
-    sum = block_sum_double(part, red);
+    sum = block_sum(part, red);
   }
   if (!s.adj_smem) return nullptr;
   acc_t* adj = reinterpret_cast<acc_t*>(dyn);
@@ -466,6 +485,14 @@ struct PairSumOp {
     return {x.a + y.a, x.b + y.b};
   }
 };
+template <typename A>
+struct Quad { A a, b, c, d; };
+struct QuadSumOp {
+  template <typename A>
+  __device__ __forceinline__ Quad<A> operator()(Quad<A> x, Quad<A> y) const {
+    return {x.a + y.a, x.b + y.b, x.c + y.c, x.d + y.d};
+  }
+};
 
 // Pseudo-label = torch.max semantics: the first index of the maximum, NaN counting as the maximum
 // (first NaN wins). A strict total order on (value, index), so the combine is symmetric. Padding
@@ -543,7 +570,8 @@ struct RowTile {
   }
 };
 
-template <typename scalar_t, typename acc_t, int TPR, int GPB, int EPT, int MIN_BLOCKS, bool STEP>
+template <typename scalar_t, typename acc_t, int TPR, int GPB, int EPT, int MIN_BLOCKS, bool STEP,
+          bool DALL>
 __global__ void __launch_bounds__(TPR * GPB, MIN_BLOCKS)
 flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
   static_assert(GPB == 1 || TPR == 32, "a group wider than a warp owns the whole block");
@@ -551,7 +579,7 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
   using G = Group<TPR>;
   __shared__ uint4 red_words[G::kSmemBytes / 16];  // 16-byte aligned scratch of G::allreduce
   unsigned char* red = reinterpret_cast<unsigned char*>(red_words);
-  __shared__ acc_t loss_smem[2][GPB];
+  __shared__ acc_t loss_smem[3][GPB];  // per group: L_u, L_d, prior-weight sums
   // Batch-prior accumulators of the unlabeled rows: slot [grp][j][t] belongs to thread t of
   // group grp alone (no synchronisation until the block combine; lane-contiguous, so no bank
   // conflicts). Kept in shared memory rather than registers: EPT more live registers per thread
@@ -582,7 +610,8 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
     // ---------------------------------------------------------------- unlabeled row pairs
 #pragma unroll
     for (int j = 0; j < EPT; ++j) prior_smem[grp][j][t] = acc_t(0);
-    acc_t lu_sum = 0, ld_sum = 0;
+    acc_t lu_sum = 0, ld_sum = 0, w_sum = 0;
+    const bool weighted = p.weight != nullptr;
     const acc_t scale_u = h.lambda_u / acc_t(p.N);
     const acc_t scale_d = h.lambda_d * h.inv_t / acc_t(p.N);
     const int64_t row_step = int64_t(p.G_u) * GPB;
@@ -593,6 +622,15 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       acc_t w[EPT], a[EPT];
       Tile::load(w, p.z_w + r * p.z_w_rs, p.z_w_cs, C, t);
       Tile::load(a, p.z_s + r * p.z_s_rs, p.z_s_cs, C, t);  // issued now: overlaps the weak pass
+      // The row's prior weight (one load per row, the group's threads at one address): a row
+      // with !(w_i > 0) adds nothing to the prior or to w_sum (its NaN, if any, included).
+      acc_t w_i = acc_t(1);
+      bool in_prior = true;
+      if (weighted) {
+        w_i = p.weight[r * p.weight_s];
+        in_prior = w_i > acc_t(0);
+        if (in_prior) w_sum += w_i;
+      }
 
       // Weak view: m_w = max, yhat = first index of the max.
       ArgMax<acc_t> am{neg_inf<acc_t>(), INT_MAX};
@@ -624,16 +662,20 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
         }
         se = G::allreduce(se, PairSumOp{}, red);
         s_w = se.a;
-        // pe = (w r) / s_e, r recomputed per element (not kept: EPT more live registers).
-        const acc_t inv_se = acc_t(1) / se.b;
+        // pe = (w r) / s_e, r recomputed per element (not kept: EPT more live registers);
+        // with prior weights w_i (pe w_i) = (w r) (w_i / s_e).
+        if (in_prior) {
+          const acc_t inv_se = acc_t(1) / se.b;
+          const acc_t kp = weighted ? inv_se * w_i : inv_se;
 #pragma unroll
-        for (int i = 0; i < Tile::kAdjN; ++i) {
-          acc_t d[Tile::kAdjW];
-          Tile::adj_piece(d, adj, adj_s, C, t, i);
+          for (int i = 0; i < Tile::kAdjN; ++i) {
+            acc_t d[Tile::kAdjW];
+            Tile::adj_piece(d, adj, adj_s, C, t, i);
 #pragma unroll
-          for (int v = 0; v < Tile::kAdjW; ++v) {
-            const int j = i * Tile::kAdjW + v;
-            prior_smem[grp][j][t] += w[j] * exp_acc(d[v]) * inv_se;  // all rows, no mask
+            for (int v = 0; v < Tile::kAdjW; ++v) {
+              const int j = i * Tile::kAdjW + v;
+              prior_smem[grp][j][t] += w[j] * exp_acc(d[v]) * kp;  // all rows, no mask
+            }
           }
         }
       } else {
@@ -647,9 +689,10 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       const acc_t inv_sw = acc_t(1) / s_w;
       // max_c pw = exp(0) / s_w; inclusive threshold, compared in acc_t (NaN -> mask 0, as torch).
       const bool M = inv_sw >= p.tau;
-      if (!h.prior_em) {
+      if (!h.prior_em && in_prior) {
+        const acc_t kp = weighted ? inv_sw * w_i : inv_sw;  // (pw w_i) = w (w_i / s_w)
 #pragma unroll
-        for (int j = 0; j < EPT; ++j) prior_smem[grp][j][t] += w[j] * inv_sw;  // all rows, no mask
+        for (int j = 0; j < EPT; ++j) prior_smem[grp][j][t] += w[j] * kp;  // all rows, no mask
       }
       if (t == 0) {
         p.mask[r] = M ? acc_t(1) : acc_t(0);
@@ -657,7 +700,10 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       }
 
       scalar_t* grow = p.g_s + r * int64_t(C);
-      if (M) {
+      // distill_all (DALL, a compile-time flag): with the gate on an M = 1 row has both terms
+      // (handled in the distillation branch below); DALL = false compiles to today's code.
+      const bool both = DALL && M && h.gate;
+      if (M && !both) {
         // Consistency on a = z_s + du:  CE(yhat, softmax(a)) = (m_a - a[yhat]) + log s_a, both
         // terms >= 0 (no cancellation); dL/da = lambda_u (softmax(a) - onehot(yhat)) / N.
         Tile::add(a, adj, adj_s, C, t);
@@ -707,18 +753,62 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
 #pragma unroll
         for (int j = 0; j < EPT; ++j) m_a = max_acc(m_a, a[j]);
         m_a = G::allreduce(m_a, MaxOp{}, red);
-        Pair<acc_t> sd{0, 0};  // (s', sum_c q_c (m_a - a_c))
+        if (DALL && both) {
+          // Both terms on one row: L_u = (m_a - a[yhat]) + log s_a, L_d = log s' + dot / T,
+          // grad = (softmax(a) - onehot) scale_u + (softmax(a / T) - q) scale_d. T = 1: s' = s_a
+          // and one exp pass serves both; T != 1: the sums first (a kept), then both exps
+          // recomputed at the gradient (no second EPT-register copy of the row).
+          Quad<acc_t> sb{0, 0, 0, 0};  // (s_a, s', dot, a[yhat])
 #pragma unroll
-        for (int j = 0; j < EPT; ++j) {
-          if (Tile::col(t, j) < C) sd.b += w[j] * (m_a - a[j]);  // padding: 0 * inf avoided
-          a[j] = exp_acc((a[j] - m_a) * h.inv_t);
-          sd.a += a[j];
+          for (int j = 0; j < EPT; ++j) {
+            const int c = Tile::col(t, j);
+            if (c == yhat) sb.d = a[j];
+            if (c < C) sb.c += w[j] * (m_a - a[j]);
+            if (h.t_is_one) {
+              a[j] = exp_acc(a[j] - m_a);
+              sb.a += a[j];
+            } else {
+              sb.a += exp_acc(a[j] - m_a);
+              sb.b += exp_acc((a[j] - m_a) * h.inv_t);
+            }
+          }
+          sb = G::allreduce(sb, QuadSumOp{}, red);
+          const acc_t log_sa = log_acc(sb.a);
+          lu_sum += (m_a - sb.d) + log_sa;
+          const acc_t inv_sa = acc_t(1) / sb.a;
+          if (h.t_is_one) {
+            ld_sum += log_sa + sb.c;
+#pragma unroll
+            for (int j = 0; j < EPT; ++j) {
+              const acc_t e = a[j] * inv_sa;
+              a[j] = (e - (Tile::col(t, j) == yhat ? acc_t(1) : acc_t(0))) * scale_u +
+                     (e - w[j]) * scale_d;
+            }
+          } else {
+            ld_sum += log_acc(sb.b) + sb.c * h.inv_t;
+            const acc_t inv_sb = acc_t(1) / sb.b;
+#pragma unroll
+            for (int j = 0; j < EPT; ++j) {
+              const acc_t e1 = exp_acc(a[j] - m_a) * inv_sa;
+              const acc_t e2 = exp_acc((a[j] - m_a) * h.inv_t) * inv_sb;
+              a[j] = (e1 - (Tile::col(t, j) == yhat ? acc_t(1) : acc_t(0))) * scale_u +
+                     (e2 - w[j]) * scale_d;
+            }
+          }
+        } else {
+          Pair<acc_t> sd{0, 0};  // (s', sum_c q_c (m_a - a_c))
+#pragma unroll
+          for (int j = 0; j < EPT; ++j) {
+            if (Tile::col(t, j) < C) sd.b += w[j] * (m_a - a[j]);  // padding: 0 * inf avoided
+            a[j] = exp_acc((a[j] - m_a) * h.inv_t);
+            sd.a += a[j];
+          }
+          sd = G::allreduce(sd, PairSumOp{}, red);
+          ld_sum += log_acc(sd.a) + sd.b * h.inv_t;
+          const acc_t inv_sd = acc_t(1) / sd.a;
+#pragma unroll
+          for (int j = 0; j < EPT; ++j) a[j] = (a[j] * inv_sd - w[j]) * scale_d;
         }
-        sd = G::allreduce(sd, PairSumOp{}, red);
-        ld_sum += log_acc(sd.a) + sd.b * h.inv_t;
-        const acc_t inv_sd = acc_t(1) / sd.a;
-#pragma unroll
-        for (int j = 0; j < EPT; ++j) a[j] = (a[j] * inv_sd - w[j]) * scale_d;
       } else {
         // Not confident and distillation off: the row contributes nothing (skipped, not * 0).
 #pragma unroll
@@ -731,6 +821,7 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
     if (t == 0) {
       loss_smem[0][grp] = lu_sum;
       loss_smem[1][grp] = ld_sum;
+      loss_smem[2][grp] = w_sum;
     }
     __syncthreads();
     acc_t* part = p.partial + int64_t(blockIdx.x) * C;
@@ -747,14 +838,16 @@ flexda_rows_kernel(const FlexdaParams<scalar_t, acc_t> p) {
     fin = __syncthreads_and(fin);
     if (threadIdx.x == 0) {
       p.finite[blockIdx.x] = fin ? acc_t(1) : acc_t(0);
-      acc_t u = loss_smem[0][0], d = loss_smem[1][0];
+      acc_t u = loss_smem[0][0], d = loss_smem[1][0], ws = loss_smem[2][0];
 #pragma unroll
       for (int g = 1; g < GPB; ++g) {
         u += loss_smem[0][g];
         d += loss_smem[1][g];
+        ws += loss_smem[2][g];
       }
       p.loss_u[blockIdx.x] = u;
       p.loss_d[blockIdx.x] = d;
+      p.wsum[blockIdx.x] = ws;
     }
   } else {
     // ---------------------------------------------------------------- labeled rows
@@ -889,7 +982,7 @@ struct LoopStatsOp {
   }
 };
 
-template <typename scalar_t, typename acc_t, int TPR, bool STEP>
+template <typename scalar_t, typename acc_t, int TPR, bool STEP, bool DALL>
 __global__ void __launch_bounds__(TPR)
 flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
   constexpr int V = 16 / int(sizeof(scalar_t));
@@ -952,10 +1045,11 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
   if (!labeled) {
     // ---------------------------------------------------------------- unlabeled row pairs
     acc_t* part = p.partial + int64_t(blockIdx.x) * C;  // owned by this block: plain RMW
-    acc_t lu_sum = 0, ld_sum = 0;
+    acc_t lu_sum = 0, ld_sum = 0, w_sum = 0;
     const acc_t scale_u = h.lambda_u / acc_t(p.N);
     const acc_t scale_d = h.lambda_d * h.inv_t / acc_t(p.N);
-    bool first = true;
+    const bool weighted = p.weight != nullptr;
+    bool first = true;  // no row of this block has written `part` yet
     for (int64_t r = blockIdx.x; r < p.N; r += p.G_u) {
       const scalar_t* wrow = p.z_w + r * p.z_w_rs;
       const scalar_t* srow = p.z_s + r * p.z_s_rs;
@@ -963,6 +1057,15 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       const bool wvec = p.z_w_cs == 1 && IO::aligned(wrow);
       const bool svec = p.z_s_cs == 1 && IO::aligned(srow);
       const bool gvec = IO::aligned(grow);
+      // The row's prior weight (one load per row): a row with !(w_i > 0) writes nothing to
+      // `part` in pass 3 and adds nothing to w_sum.
+      acc_t w_i = one;
+      bool in_prior = true;
+      if (weighted) {
+        w_i = p.weight[r * p.weight_s];
+        in_prior = w_i > acc_t(0);
+        if (in_prior) w_sum += w_i;
+      }
 
       // Pass 1, weak view: online (m_w, s_w) and the arg-max; EM batch prior: also
       // s_e = sum_c exp(z_w - m_w) r_c online (online_add_em), r_c = exp(du_c) per element.
@@ -1006,15 +1109,21 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
         p.mask[r] = M ? one : acc_t(0);
         p.pseudo[r] = yhat;
       }
-      const bool distill = !M && h.gate;
+      // distill_all (DALL, compile-time): with the gate on every row distils; an M = 1 row
+      // (`both`) has both terms. Pass 2 then keeps a second online sum at scale 1/T next to the
+      // scale-1 one when T != 1 (the running max is the same); T = 1 shares one exp pass.
+      const bool both = DALL && M && h.gate;
+      const bool distill = (DALL || !M) && h.gate;
       const bool fresh_q = distill && !h.t_is_one;  // q needs its own exp((z_w - m_w) / T)
+      const bool two = DALL && both && !h.t_is_one;  // both terms, two exp scales
 
       // Pass 2, strong view a = z_s + du: online (m_a, s_a) with scale 1 (consistency) or 1/T
       // (distillation), a[yhat], and s_q = sum exp((z_w - m_w) / T) when T != 1.
       const acc_t it = M ? one : h.inv_t;
-      acc_t m_a = 0, inv_sa = 0, log_sa = 0, a_y = 0, inv_sq = 0;
+      acc_t m_a = 0, inv_sa = 0, log_sa = 0, a_y = 0, inv_sq = 0, inv_st = 0, log_st = 0;
       if (M || distill) {
         LoopStats<acc_t> sb{{ninf, acc_t(0)}, {ninf, INT_MAX}, acc_t(0), acc_t(0)};
+        Online<acc_t> ot{ninf, acc_t(0)};  // two: sum exp((a - m) / T)
         for (int c0 = t * V; c0 < C; c0 += kStep) {
           acc_t x[V];
           load(x, srow, p.z_s_cs, svec, c0, true);
@@ -1022,6 +1131,7 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
           for (int v = 0; v < V; ++v) {
             if (c0 + v == yhat) sb.x1 = x[v];
             online_add(sb.o, x[v], it);
+            if (DALL && two) online_add(ot, x[v], h.inv_t);
           }
           if (fresh_q) {
             load(x, wrow, p.z_w_cs, wvec, c0, false);
@@ -1035,10 +1145,30 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
         log_sa = log_acc(sb.o.s);
         a_y = sb.x1;
         inv_sq = one / sb.x2;
+        if constexpr (DALL) {
+          // L_u now (a_y and log s_a are dead in pass 3: fewer live registers there); the same
+          // expression and row order as after pass 3 without DALL.
+          if (M) lu_sum += (m_a - a_y) + log_sa;
+          if (two) {
+            // The same running max as sb.o (online_add moves m on the same elements).
+            const acc_t inv_t = h.inv_t;
+            ot = G::allreduce(ot, [inv_t](Online<acc_t> x, Online<acc_t> y) {
+              return online_merge(x, y, inv_t);
+            }, red);
+            inv_st = one / ot.s;
+            log_st = log_acc(ot.s);
+          } else {
+            inv_st = inv_sa;  // T = 1 (or M = 0: sb itself is at scale 1/T)
+            log_st = log_sa;
+          }
+        }
       }
 
       // Pass 3: batch prior, gradient row, distillation dot product. EM: the prior row is
       // (exp(z_w - m_w) r) / s_e, and the chunk's du (loaded once) also adjusts the strong row.
+      // With prior weights the row's scale kp carries w_i (raw: exp(z_w - m_w) kp next to pw,
+      // which the distillation needs unweighted).
+      const acc_t kp = weighted ? (h.prior_em ? inv_se : inv_sw) * w_i : acc_t(0);
       acc_t dot = 0;
       for (int c0 = t * V; c0 < C; c0 += kStep) {
         acc_t x[V], g[V];
@@ -1047,18 +1177,25 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
         acc_t d[V];
         if (h.prior_em) {
           load_adj(d, c0);
+          const acc_t ke = weighted ? kp : inv_se;
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             const acc_t ew = exp_acc(x[v] - m_w);
             pw[v] = ew * inv_sw;
-            const acc_t pe = ew * exp_acc(d[v]) * inv_se;
-            if (c0 + v < C) part[c0 + v] = first ? pe : part[c0 + v] + pe;
+            if (in_prior && c0 + v < C) {
+              const acc_t pe = ew * exp_acc(d[v]) * ke;
+              part[c0 + v] = first ? pe : part[c0 + v] + pe;
+            }
           }
         } else {
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            pw[v] = exp_acc(x[v] - m_w) * inv_sw;
-            if (c0 + v < C) part[c0 + v] = first ? pw[v] : part[c0 + v] + pw[v];
+            const acc_t ew = exp_acc(x[v] - m_w);
+            pw[v] = ew * inv_sw;
+            if (in_prior && c0 + v < C) {
+              const acc_t pr = weighted ? ew * kp : pw[v];
+              part[c0 + v] = first ? pr : part[c0 + v] + pr;
+            }
           }
         }
         if (M || distill) {  // the strong chunk a = z_s + du (EM: the du loaded above)
@@ -1070,7 +1207,16 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
             load(g, srow, p.z_s_cs, svec, c0, true);
           }
         }
-        if (M) {
+        if (DALL && both) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const acc_t q = fresh_q ? exp_acc((x[v] - m_w) * h.inv_t) * inv_sq : pw[v];
+            if (c0 + v < C) dot += q * (m_a - g[v]);
+            const acc_t e1 = exp_acc(g[v] - m_a) * inv_sa;
+            const acc_t e2 = two ? exp_acc((g[v] - m_a) * h.inv_t) * inv_st : e1;
+            g[v] = (e1 - (c0 + v == yhat ? one : acc_t(0))) * scale_u + (e2 - q) * scale_d;
+          }
+        } else if (M) {
 #pragma unroll
           for (int v = 0; v < V; ++v)
             g[v] = (exp_acc(g[v] - m_a) * inv_sa - (c0 + v == yhat ? one : acc_t(0))) * scale_u;
@@ -1087,12 +1233,22 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
         }
         IO::store(grow, c0, C, gvec, g);
       }
-      if (M) lu_sum += (m_a - a_y) + log_sa;  // CE(yhat, softmax(a)) as in the register regime
+      // CE(yhat, softmax(a)) as in the register regime (DALL: added after pass 2)
+      if (!DALL && M) lu_sum += (m_a - a_y) + log_sa;
       if (distill) {
         dot = G::allreduce(dot, SumOp{}, red);
-        ld_sum += log_sa + dot * h.inv_t;  // H = log s' + sum_c q_c (m_a - a_c) / T
+        // H = log s' + sum_c q_c (m_a - a_c) / T (distill_all: s' from the 1/T sum)
+        ld_sum += (DALL ? log_st : log_sa) + dot * h.inv_t;
       }
-      first = false;
+      if (in_prior) first = false;
+    }
+    if (first) {  // every row of the block weighs 0: its partial is 0 (the thread's own columns)
+      for (int c0 = t * V; c0 < C; c0 += kStep) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (c0 + v < C) part[c0 + v] = acc_t(0);
+        }
+      }
     }
     // Finite flag of this block's partial (each column is owned by one thread, so these are
     // the thread's own writes).
@@ -1108,6 +1264,7 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
       p.loss_u[blockIdx.x] = lu_sum;
       p.loss_d[blockIdx.x] = ld_sum;
       p.finite[blockIdx.x] = fin ? one : acc_t(0);
+      p.wsum[blockIdx.x] = w_sum;
     }
   } else {
     // ---------------------------------------------------------------- labeled rows
@@ -1165,6 +1322,13 @@ flexda_looped_kernel(const FlexdaParams<scalar_t, acc_t> p) {
 //   last block: skipped_updates += !ok; step += 1, after its own read of step (the gate); no
 //        other finalize block reads step. The row kernel's reads of Q and step all precede this
 //        kernel in stream order.
+//
+// Prior weights (`weighted`): every block first sums the [G_u] per-block weight sums in one
+// fixed order (thread g takes g, g + 1024, ...; block_sum), so all blocks hold the same W;
+// prior_batch = (sum of partials) / W, NaN when W == 0. A weighted partial entry is a sum of
+// w_i p_i <= W, so with W finite "every partial finite" still means "prior_batch finite"; ok also
+// requires W finite (a sum that overflowed: Q kept, counted as skipped). W == 0 (no row to
+// estimate from): Q and skipped_updates left alone, step += 1.
 // ------------------------------------------------------------------------------------------------
 
 template <typename q_t, typename acc_t>
@@ -1179,12 +1343,20 @@ template <typename acc_t, bool STEP>
 __global__ void __launch_bounds__(1024) flexda_finalize_kernel(const FinalizeParams<acc_t> p) {
   __shared__ acc_t sh[32][33];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  acc_t w_total = 0;  // W, the prior weights' sum (weighted only)
+  if (p.weighted) {
+    __shared__ acc_t wbuf[32];
+    acc_t v = 0;
+    for (int g = threadIdx.x; g < p.G_u; g += blockDim.x) v += p.wsum[g];
+    w_total = block_sum(v, wbuf);
+  }
+  const bool no_rows = p.weighted && !(w_total > acc_t(0));
   bool ok = true;
   if constexpr (STEP) {
     if (p.st.update) {
       int f = 1;
       for (int g = threadIdx.x; g < p.G_u; g += blockDim.x) f &= p.finite[g] != acc_t(0) ? 1 : 0;
-      ok = __syncthreads_and(f) != 0;
+      ok = __syncthreads_and(f) != 0 && (!p.weighted || is_finite(w_total));
     }
   }
   if (blockIdx.x + 1 < gridDim.x) {
@@ -1199,10 +1371,11 @@ __global__ void __launch_bounds__(1024) flexda_finalize_kernel(const FinalizePar
     if (warp == 0 && c < p.C) {
       acc_t s = sh[0][lane];
       for (int w = 1; w < 32; ++w) s += sh[w][lane];
-      const acc_t pb = s / acc_t(p.N);  // mean over all N weak rows
+      // mean over all N weak rows, or the weighted mean (no row of positive weight: NaN)
+      const acc_t pb = !p.weighted ? s / acc_t(p.N) : no_rows ? quiet_nan<acc_t>() : s / w_total;
       p.prior[c] = pb;
       if constexpr (STEP) {
-        if (p.st.update && ok) {
+        if (p.st.update && ok && !no_rows) {
           if (p.st.prior_ulb_kind == kF64) {
             momentum_update<double>(p.st, c, pb);
           } else {
@@ -1250,7 +1423,7 @@ __global__ void __launch_bounds__(1024) flexda_finalize_kernel(const FinalizePar
     *p.term[2] = h.gate ? l_d : acc_t(0);
     if constexpr (STEP) {
       if (p.st.update) {
-        if (!ok) *p.st.skipped += 1;
+        if (!ok && !no_rows) *p.st.skipped += 1;
         *p.st.step += 1;
       }
     }
@@ -1291,11 +1464,12 @@ constexpr int64_t kPartialBudget = 1 << 22;   // target G_u * C (16 MB of fp32 p
 // (kPair16: 64-thread groups, EPT = 16, __launch_bounds__(64, 8) = 128 registers), which halves
 // the per-thread row at the price of a shared-memory step in each of the 6 reductions of a row
 // pair. The block tiers (EPT = 16) are at 128 registers (16 warps per SM).
-Config choose_config(bool fp64, int64_t C) {
+Config choose_config(bool fp64, int64_t C, bool distill_all = false) {
   const int w = kWarpsPerBlock;
   if (fp64) {  // fp64 rows take twice the registers: smaller register tiers
     if (C <= 128) return {Tier::kWarp4, w};
-    if (C <= 512) return {Tier::kWarp16, w};
+    // distill_all: fp64 warp/16's both-terms rows spill at 255 registers: the looped kernel
+    if (C <= 512 && !distill_all) return {Tier::kWarp16, w};
     return {Tier::kLooped, 1};
   }
   if (C <= 128) return {Tier::kWarp4, w};
@@ -1304,18 +1478,21 @@ Config choose_config(bool fp64, int64_t C) {
   if (C <= 1024) return {Tier::kPair16, 1};
   if (C <= 2048) return {Tier::kBlock128, 1};
   if (C <= 4096) return {Tier::kBlock256, 1};
-  if (C <= 8192) return {Tier::kBlock512, 1};
+  // distill_all: block/512's both-terms rows spill (ptxas, sm_90; csrc/cuda/README.md), so
+  // 4096 < C <= 8192 takes the looped kernel then
+  if (C <= 8192 && !distill_all) return {Tier::kBlock512, 1};
   return {Tier::kLooped, 1};
 }
 
-template <typename scalar_t, typename acc_t, bool STEP, int TPR, int GPB, int EPT, int MINB>
+template <typename scalar_t, typename acc_t, bool STEP, bool DALL, int TPR, int GPB, int EPT,
+          int MINB>
 void launch_rows(const FlexdaParams<scalar_t, acc_t>& p, size_t smem, AdelloStream stream) {
-  auto* kernel = &flexda_rows_kernel<scalar_t, acc_t, TPR, GPB, EPT, MINB, STEP>;
+  auto* kernel = &flexda_rows_kernel<scalar_t, acc_t, TPR, GPB, EPT, MINB, STEP, DALL>;
   if (smem > 0) ADELLO_ALLOW_SMEM(kernel, smem);
   ADELLO_LAUNCH(kernel, p.G_u + p.G_l, TPR * GPB, smem, stream, p);
 }
 
-template <typename scalar_t, typename acc_t, bool STEP>
+template <typename scalar_t, typename acc_t, bool STEP, bool DALL>
 void launch_main(Tier tier, const FlexdaParams<scalar_t, acc_t>& p, size_t smem,
                  AdelloStream stream) {
   constexpr int W = kWarpsPerBlock;
@@ -1325,13 +1502,16 @@ void launch_main(Tier tier, const FlexdaParams<scalar_t, acc_t>& p, size_t smem,
   constexpr bool kF64Acc = std::is_same_v<acc_t, double>;
   switch (tier) {
     case Tier::kWarp4:
-      launch_rows<scalar_t, acc_t, STEP, 32, W, 4, kF64Acc ? 4 : 8>(p, smem, stream);
+      launch_rows<scalar_t, acc_t, STEP, DALL, 32, W, 4, kF64Acc ? 4 : 8>(p, smem, stream);
       return;
     case Tier::kWarp16:
-      launch_rows<scalar_t, acc_t, STEP, 32, W, 16, kF64Acc ? 2 : 4>(p, smem, stream);
-      return;
+      if constexpr (!(DALL && kF64Acc)) {  // fp64 with distill_all: looped (choose_config)
+        launch_rows<scalar_t, acc_t, STEP, DALL, 32, W, 16, kF64Acc ? 2 : 4>(p, smem, stream);
+        return;
+      }
+      break;
     case Tier::kLooped: {
-      auto* kernel = &flexda_looped_kernel<scalar_t, acc_t, kLoopedThreads, STEP>;
+      auto* kernel = &flexda_looped_kernel<scalar_t, acc_t, kLoopedThreads, STEP, DALL>;
       if (smem > 0) ADELLO_ALLOW_SMEM(kernel, smem);
       ADELLO_LAUNCH(kernel, p.G_u + p.G_l, kLoopedThreads, smem, stream, p);
       return;
@@ -1340,17 +1520,22 @@ void launch_main(Tier tier, const FlexdaParams<scalar_t, acc_t>& p, size_t smem,
   }
   if constexpr (!std::is_same_v<scalar_t, double>) {
     switch (tier) {
-      case Tier::kWarp8: launch_rows<scalar_t, acc_t, STEP, 32, W, 8, 6>(p, smem, stream); return;
-      case Tier::kPair16: launch_rows<scalar_t, acc_t, STEP, 64, 1, 16, 8>(p, smem, stream); return;
+      case Tier::kWarp8: launch_rows<scalar_t, acc_t, STEP, DALL, 32, W, 8, 6>(p, smem, stream); return;
+      case Tier::kPair16: launch_rows<scalar_t, acc_t, STEP, DALL, 64, 1, 16, 8>(p, smem, stream); return;
       case Tier::kBlock128:
-        launch_rows<scalar_t, acc_t, STEP, 128, 1, 16, 4>(p, smem, stream);
+        launch_rows<scalar_t, acc_t, STEP, DALL, 128, 1, 16, 4>(p, smem, stream);
         return;
       case Tier::kBlock256:
-        launch_rows<scalar_t, acc_t, STEP, 256, 1, 16, 2>(p, smem, stream);
+        launch_rows<scalar_t, acc_t, STEP, DALL, 256, 1, 16, 2>(p, smem, stream);
         return;
       case Tier::kBlock512:
-        launch_rows<scalar_t, acc_t, STEP, 512, 1, 16, 1>(p, smem, stream);
-        return;
+        // distill_all: the looped kernel instead (choose_config; the both-terms rows spill at
+        // 128 registers in this tier)
+        if constexpr (!DALL) {
+          launch_rows<scalar_t, acc_t, STEP, DALL, 512, 1, 16, 1>(p, smem, stream);
+          return;
+        }
+        break;
       default: break;
     }
   }
@@ -1399,18 +1584,36 @@ inline at::ScalarType check_logits(const char* op, const at::Tensor& logits_lb,
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The optional [N] prior weights of either op: the accumulate dtype, on the logits' device, any
+// stride (read once per row). Returns nullptr when absent (the unweighted kernels' path).
+inline const at::Tensor* prior_weight_arg(const char* op, const std::optional<at::Tensor>& w,
+                                          const at::Tensor& logits_ulb_w, at::ScalarType acc) {
+  if (!w.has_value() || !w->defined()) return nullptr;
+  const int64_t N = logits_ulb_w.size(0);
+  TORCH_CHECK_VALUE(w->dim() == 1 && w->size(0) == N, op, ": prior_weight must have shape [", N,
+                    "], got ", w->sizes());
+  TORCH_CHECK_VALUE(w->scalar_type() == acc, op, ": prior_weight must be ", acc,
+                    " (the accumulate dtype of ", logits_ulb_w.scalar_type(), " logits), got ",
+                    w->scalar_type());
+  TORCH_CHECK_VALUE(w->device() == logits_ulb_w.device(), op, ": prior_weight is on ",
+                    w->device(), " but the logits are on ", logits_ulb_w.device());
+  return &*w;
+}
+
 struct FlexdaOutputs {
   at::Tensor loss, terms[3], mask, pseudo, prior, grad_lb, grad_s;
 };
 
 // Allocates the outputs and launches both kernels. flexda_fwd: adj_lb, adj_ulb, hparams given,
 // STEP = false, the three terms are views of one [3] tensor; flexda_step: `st` filled in (its
-// adj_smem decided here), the terms are three 0-d tensors.
+// adj_smem decided here), the terms are three 0-d tensors. prior_weight: the checked [N] weights
+// (prior_weight_arg), or nullptr.
 template <bool STEP>
 FlexdaOutputs flexda_launch(const at::Tensor& logits_lb, const at::Tensor& labels_lb,
                             const at::Tensor& logits_ulb_w, const at::Tensor& logits_ulb_s,
                             const at::Tensor* adj_lb, const at::Tensor* adj_ulb,
                             const at::Tensor* hparams, StepArgs st, double threshold,
+                            const at::Tensor* prior_weight, bool distill_all,
                             AdelloStream stream) {
   const int64_t B = logits_lb.size(0), C = logits_lb.size(1), N = logits_ulb_w.size(0);
   const at::ScalarType dtype = logits_lb.scalar_type();
@@ -1431,14 +1634,15 @@ FlexdaOutputs flexda_launch(const at::Tensor& logits_lb, const at::Tensor& label
   out.grad_lb = at::empty({B, C}, logits_lb.options());
   out.grad_s = at::empty({N, C}, logits_lb.options());
 
-  const Config cfg = choose_config(dtype == at::kDouble, C);
+  const Config cfg = choose_config(dtype == at::kDouble, C, distill_all);
   const int64_t rpb = cfg.rows_per_block;
   const int64_t cap_u = std::max(kMinUlbBlocks, std::min(kMaxBlocks, kPartialBudget / C));
   const int G_u = static_cast<int>(std::min((N + rpb - 1) / rpb, cap_u));
   const int G_l = static_cast<int>(std::min((B + rpb - 1) / rpb, kMaxBlocks));
   // Workspace (caching allocator, no zeroing needed: every slot is written):
-  //   partial [G_u, C] | loss_l [G_l] | loss_u [G_u] | loss_d [G_u] | finite [G_u]
-  at::Tensor ws = at::empty({int64_t(G_u) * C + G_l + 3 * int64_t(G_u)}, acc_opts);
+  //   partial [G_u, C] | loss_l [G_l] | loss_u [G_u] | loss_d [G_u] | finite [G_u] | wsum [G_u]
+  // (wsum, the per-block prior-weight sums, is written always and read only with weights)
+  at::Tensor ws = at::empty({int64_t(G_u) * C + G_l + 4 * int64_t(G_u)}, acc_opts);
   const size_t elem = acc == at::kDouble ? sizeof(double) : sizeof(float);
   size_t smem = 0;
   if (STEP) {
@@ -1487,7 +1691,14 @@ FlexdaOutputs flexda_launch(const at::Tensor& logits_lb, const at::Tensor& label
     p.loss_u = p.loss_l + G_l;
     p.loss_d = p.loss_u + G_u;
     p.finite = p.loss_d + G_u;
-    launch_main<scalar_t, acc_t, STEP>(cfg.tier, p, smem, stream);
+    p.wsum = p.finite + G_u;
+    p.weight = prior_weight != nullptr ? prior_weight->const_data_ptr<acc_t>() : nullptr;
+    p.weight_s = prior_weight != nullptr ? prior_weight->stride(0) : 0;
+    if (distill_all) {
+      launch_main<scalar_t, acc_t, STEP, true>(cfg.tier, p, smem, stream);
+    } else {
+      launch_main<scalar_t, acc_t, STEP, false>(cfg.tier, p, smem, stream);
+    }
 
     FinalizeParams<acc_t> f{};
     f.partial = p.partial;
@@ -1495,6 +1706,8 @@ FlexdaOutputs flexda_launch(const at::Tensor& logits_lb, const at::Tensor& label
     f.loss_u = p.loss_u;
     f.loss_d = p.loss_d;
     f.finite = p.finite;
+    f.wsum = p.wsum;
+    f.weighted = p.weight != nullptr;
     f.hp = p.hp;
     f.hp_s = p.hp_s;
     f.st = st;

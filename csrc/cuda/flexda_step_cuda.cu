@@ -8,6 +8,9 @@
 //                 `prior_em` (a host bool, a kernel argument: StepArgs::prior_em) selects the
 //                 EM batch prior exactly as hparams[kHpPriorEm] does for flexda_fwd; the
 //                 epilogue updates Q with whichever batch prior the rows produced.
+//                 `prior_weight` ([N], acc dtype, on the device) weights the batch prior's rows
+//                 as for flexda_fwd; the finalize kernel finds W == 0 on the device and then
+//                 leaves Q and skipped_updates alone (step still advances): no host read.
 //   scale_grads_  1 launch for both gradients (below); with flexda_step, forward + backward +
 //                 prior update of one training step are 3 launches.
 #include "flexda_kernels.cuh"
@@ -143,7 +146,9 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
                              int64_t distill_start, double lambda_u, double lambda_d, double eps,
                              bool flexda, double threshold, double prior_momentum, bool update,
                              bool prior_em, const std::optional<at::Tensor>& prior_target,
-                             int64_t alpha_epoch_steps) {
+                             int64_t alpha_epoch_steps,
+                             const std::optional<at::Tensor>& prior_weight,
+                             bool distill_all) {
   constexpr const char* kOp = "adello::flexda_step";
 #ifndef ADELLO_CUDA_EMULATION
   TORCH_CHECK_VALUE(logits_lb.is_cuda(), kOp, ": logits_lb must be a CUDA tensor");
@@ -152,7 +157,7 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
 #else
   const AdelloStream stream = 0;
 #endif
-  check_logits(kOp, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s);
+  const at::ScalarType acc = check_logits(kOp, logits_lb, labels_lb, logits_ulb_w, logits_ulb_s);
   const int64_t C = logits_lb.size(1);
   check_state_vector(prior_lb, "prior_lb", C, logits_lb);
   check_state_vector(prior_ulb, "prior_ulb", C, logits_lb);
@@ -168,6 +173,7 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
   if (has_target) check_state_vector(*prior_target, "prior_target", C, logits_lb);
   TORCH_CHECK_VALUE(prior_momentum >= 0.0 && prior_momentum < 1.0, kOp,
                     ": prior_momentum must lie in [0, 1), got ", prior_momentum);
+  const at::Tensor* weight = prior_weight_arg(kOp, prior_weight, logits_ulb_w, acc);
 
   StepArgs st{};
   st.prior_lb = prior_lb.const_data_ptr();
@@ -197,7 +203,8 @@ StepOutputs flexda_step_cuda(const at::Tensor& logits_lb, const at::Tensor& labe
   st.update = update;
   st.prior_em = prior_em;  // read by every row block as flexda_fwd reads hparams[kHpPriorEm]
   FlexdaOutputs o = flexda_launch<true>(logits_lb, labels_lb, logits_ulb_w, logits_ulb_s, nullptr,
-                                        nullptr, nullptr, st, threshold, stream);
+                                        nullptr, nullptr, st, threshold, weight, distill_all,
+                                        stream);
   return {o.loss, o.terms[0], o.terms[1], o.terms[2], o.mask, o.pseudo, o.prior, o.grad_lb,
           o.grad_s};
 }
