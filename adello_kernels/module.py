@@ -250,13 +250,18 @@ class ADELLOLoss(nn.Module):
         prior_weight = self._check_prior_weight(prior_weight, n, logits_lb.device,
                                                 self.validate and not compiling)
         weighted = prior_weight is not None
+        backend = backends.resolve_backend(self.backend, logits_lb.device)
+        syncing = self._syncing()
+        pending = self._pending_rows
+        # The step op updates the state itself unless this call only accumulates, earlier
+        # micro-batches are pending, or the batch prior must first be all-reduced.
+        fused_update = update and pending == 0 and not syncing
+        count = n   # the prior's row count: the weight sum with weights (below)
         if weighted:
             prior_weight = prior_weight.detach().to(accumulate_dtype(logits_lb.dtype))
-            # the weight sum of the batch (0-d, on the device): the prior's row count
-            count = torch.where(prior_weight > 0, prior_weight, 0.0).sum().float()
-        else:
-            count = n
-        backend = backends.resolve_backend(self.backend, logits_lb.device)
+            if backend == "reference" or not fused_update or self.imbalance_aware:
+                # (0-d, on the device; the fused step op sums the weights itself)
+                count = torch.where(prior_weight > 0, prior_weight, 0.0).sum().float()
         q_prev, step, temperature = prior_ulb, step_buf, temperature_buf
         snap = compiling  # see ops/snapshot.py
         if snap:
@@ -285,11 +290,6 @@ class ADELLOLoss(nn.Module):
             freeze_now = (step >= self.distill_start) & ~frozen
             temperature = torch.where(freeze_now, torch.exp(kl).to(temperature.dtype), temperature)
 
-        syncing = self._syncing()
-        pending = self._pending_rows
-        # The step op updates the state itself unless this call only accumulates, earlier
-        # micro-batches are pending, or the batch prior must first be all-reduced.
-        fused_update = update and pending == 0 and not syncing
         if backend == "reference":  # plain PyTorch end to end: what users run without kernels
             if self.flexda:
                 p_l, q, target = self.prior_lb, q_prev, buffers["prior_target"]
