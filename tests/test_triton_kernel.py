@@ -1374,6 +1374,21 @@ def test_prior_weight_is_converted_not_misread(ft):
         run_op_w(args, hp, 0.9, w[:10])
 
 
+def _opcheck_step_args(ft, step: int, *tail):
+    """flexda_step_triton's arguments for an opcheck at C = 20, N = 6 (step counter `step`),
+    the schema's trailing arguments after update=True, prior_em=False, no target, n = 1:
+    `tail` (prior_weight[, distill_all])."""
+    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
+    q, t, k = _step_state(20, 19, t=step)
+    kw = STEP_KW
+    return (z_l[:, :20].contiguous(), y % 20, z_w[:6, :20].contiguous(),
+            z_s[:6, :20].contiguous(), p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t,
+            k, torch.tensor(1.5),
+            kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
+            kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
+            kw["prior_momentum"], True, False, None, 1, *tail)
+
+
 @interp
 def test_prior_weight_opcheck(ft):
     """Schema, fake and autograd registration of both ops with prior_weight given."""
@@ -1383,15 +1398,7 @@ def test_prior_weight_opcheck(ft):
     torch.library.opcheck(torch.ops.adello.flexda_fwd_triton, (*args, hp, 0.9, w),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
-    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
-    q, t, k = _step_state(20, 19)
-    kw = STEP_KW
-    step_args = (z_l[:, :20].contiguous(), y % 20, z_w[:6, :20].contiguous(),
-                 z_s[:6, :20].contiguous(), p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t,
-                 k, torch.tensor(1.5),
-                 kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
-                 kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
-                 kw["prior_momentum"], True, False, None, 1, w)
+    step_args = _opcheck_step_args(ft, 0, w)
     torch.library.opcheck(torch.ops.adello.flexda_step_triton, step_args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -1725,15 +1732,7 @@ def test_distill_all_opcheck(ft):
     torch.library.opcheck(torch.ops.adello.flexda_fwd_triton, (*args, hp, 0.9, None, True),
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
-    p_l, (z_l, y, z_w, z_s) = _grad_case(ft, c=20)
-    q, t, k = _step_state(20, 19, t=3)
-    kw = STEP_KW
-    step_args = (z_l[:, :20].contiguous(), y % 20, z_w[:6, :20].contiguous(),
-                 z_s[:6, :20].contiguous(), p_l[:20] / p_l[:20].sum(), q[:20] / q[:20].sum(), t,
-                 k, torch.tensor(1.5),
-                 kw["total_steps"], kw["alpha_min"], kw["power"], kw["distill_start"],
-                 kw["lambda_u"], kw["lambda_d"], kw["eps"], True, kw["threshold"],
-                 kw["prior_momentum"], True, False, None, 1, None, True)
+    step_args = _opcheck_step_args(ft, 3, None, True)
     torch.library.opcheck(torch.ops.adello.flexda_step_triton, step_args,
                           test_utils=("test_schema", "test_faketensor"))
 
