@@ -36,11 +36,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from driver_runs import driver_env, run_driver
+
 WARMUP = ["--warmup", "6400"]
 ARMS = {
     "b64": ("B = 64, 800 steps (default)", []),
@@ -109,23 +109,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs: expected a positive int, got {args.jobs}")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = driver_env()
 
     def one(job):
         arm, seed = job
         out = os.path.join(args.out, f"{arm}-s{seed}")
-        cmd = command(arm, seed, out)
-        if os.path.isdir(out):            # an interrupted run: continue it
-            cmd = [sys.executable, "-m", "adello_kernels.train", "--resume", out, "--no-progress"]
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        with open(out + ".log", "a") as log:
-            r = subprocess.run(["nice", "-n", "10"] + cmd, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-        if r.returncode:
-            print(f"{arm} seed {seed}: exit {r.returncode} (log: {out}.log)", file=sys.stderr)
-        return r.returncode
+        return run_driver(command(arm, seed, out), out, env, f"{arm} seed {seed}")
 
     if not args.table_only:
         os.makedirs(args.out, exist_ok=True)

@@ -30,11 +30,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from driver_runs import driver_env, run_driver
+
 ARMS = {
     "fixmatch": ("FixMatch", ["--algorithm", "fixmatch"]),
     "adello": ("ADELLO", ["--algorithm", "adello"]),
@@ -134,24 +134,13 @@ def main(argv=None) -> int:
     root = args.out or os.path.join("runs", "label-shift-long" if args.long else "label-shift")
     if args.jobs < 1:
         ap.error(f"--jobs: expected a positive int, got {args.jobs}")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = driver_env()
 
     def one(job):
         arm, g, s = job
         out = run_dir(root, arm, g, s)
-        cmd = command(arm, g, s, out, args.long)
-        if os.path.isdir(out):            # an interrupted run: continue it
-            cmd = [sys.executable, "-m", "adello_kernels.train", "--resume", out, "--no-progress"]
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        with open(out + ".log", "a") as log:
-            r = subprocess.run(["nice", "-n", "10"] + cmd, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-        if r.returncode:
-            print(f"{arm} gamma_u {g} seed {s}: exit {r.returncode} (log: {out}.log)",
-                  file=sys.stderr)
-        return r.returncode
+        return run_driver(command(arm, g, s, out, args.long), out, env,
+                          f"{arm} gamma_u {g} seed {s}")
 
     if not args.table_only:
         os.makedirs(root, exist_ok=True)
